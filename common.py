@@ -105,6 +105,18 @@ def find_readable_images(files, img_size=None, verbose=True):
     return readable, unreadable
 
 
+def scan_image_folder(folder, img_size=None, flag="--data-dir"):
+    """The readable images of a folder (recursively), or a clear UsageError before any training:
+    unreadable files are skipped with a warning naming each, and a folder with none left is
+    an error naming the folder."""
+    files = list_image_files(folder, flag)
+    readable, unreadable = find_readable_images(files, img_size)
+    if not readable:
+        raise UsageError(f"{flag} {folder!r}: none of its {len(files)} image file(s) could be read "
+                         f"(first: {unreadable[0]})")
+    return readable
+
+
 def image_dataset(files, img_size, batch_size, scale, shuffle=True, repeat=True, seed=None,
                   drop_remainder=True, labels=None):
     """A batched, prefetched `tf.data.Dataset` of images (and labels, if given).

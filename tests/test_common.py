@@ -1,0 +1,176 @@
+"""The shared plumbing: image folders with bad files, the tf.data pipeline, picture grids,
+run folders and resumable checkpoints."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+from PIL import Image
+
+import common
+
+RNG = np.random.RandomState(0)
+
+
+def write_messy_folder(root):
+    """A real folder of image files of every kind a user's folder may hold."""
+    rgb = (RNG.rand(40, 30, 3) * 255).astype("uint8")
+    nested = root / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    good = {
+        "rgb.png": lambda p: Image.fromarray(rgb).save(p),
+        "upper.JPG": lambda p: Image.fromarray(rgb).save(p, format="JPEG"),
+        "grey.jpeg": lambda p: Image.fromarray(rgb[..., 0]).save(p),
+        "rgba.png": lambda p: Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(p),
+        "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p),
+        "deep16.png": lambda p: tf.io.write_file(
+            p, tf.io.encode_png((RNG.rand(20, 20, 3) * 65535).astype("uint16"))),
+        "small.png": lambda p: Image.fromarray(rgb[:5, :7]).save(p),
+        "large.jpg": lambda p: Image.fromarray((RNG.rand(1500, 2000, 3) * 255).astype("uint8")).save(p),
+        "palette.png": lambda p: Image.fromarray(rgb).convert("P").save(p),
+        "nested/deeper/wide.png": lambda p: Image.fromarray(rgb.transpose(1, 0, 2)).save(p),
+    }
+    bad = {
+        "empty.png": lambda p: open(p, "wb").close(),
+        "text.png": lambda p: open(p, "w").write("not an image"),
+        "truncated.jpg": None,
+    }
+    for name, write in good.items():
+        write(str(root / name))
+    for name, write in bad.items():
+        if write:
+            write(str(root / name))
+    data = open(root / "upper.JPG", "rb").read()
+    open(root / "truncated.jpg", "wb").write(data[: len(data) // 2])
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return sorted(str(root / n) for n in good), sorted(str(root / n) for n in bad)
+
+
+def test_messy_folder_keeps_every_readable_image_and_names_the_bad_ones(tmp_path, capsys):
+    good, bad = write_messy_folder(tmp_path)
+    files = common.list_image_files(str(tmp_path))
+    assert sorted(files) == sorted(good + bad)  # recursive, any case, no .txt
+    with pytest.warns(UserWarning) as caught:
+        readable = common.scan_image_folder(str(tmp_path), img_size=16)
+    assert sorted(readable) == good
+    warned = " ".join(str(w.message) for w in caught)
+    for path in bad:
+        assert path in warned
+    assert f"skipped 3 unreadable image file(s) of {len(good) + 3}" in capsys.readouterr().err
+    batch = next(iter(common.image_dataset(readable, 16, len(good), lambda x: x / 255 * 2 - 1,
+                                           shuffle=False)))
+    assert batch.shape == (len(good), 16, 16, 3)
+    assert -1.0 <= float(tf.reduce_min(batch)) and float(tf.reduce_max(batch)) <= 1.0
+
+
+def test_missing_or_empty_or_unusable_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(common.UsageError, match=r"--data-dir '.*nowhere': no such folder"):
+        common.list_image_files(str(tmp_path / "nowhere"))
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(common.UsageError, match="no .png/.jpg/.jpeg files found"):
+        common.list_image_files(str(tmp_path))
+    open(tmp_path / "x.png", "wb").close()
+    with pytest.warns(UserWarning), pytest.raises(common.UsageError, match="none of its 1 image file"):
+        common.scan_image_folder(str(tmp_path), 8)
+
+
+def test_centre_square_crop_of_a_tall_image_takes_the_middle_rows():
+    image = np.zeros((10, 4, 3), np.uint8)
+    image[3:7] = 255  # rows (h-w)/2 .. (h-w)/2+w = 3..7
+    crop = common.centre_square(tf.constant(image)).numpy()
+    assert crop.shape == (4, 4, 3) and crop.min() == 255
+    assert common.centre_square(tf.constant(image.transpose(1, 0, 2))).numpy().min() == 255
+
+
+def test_dataset_scales_pixels_and_reshuffles_each_pass(tmp_path):
+    paths = []
+    for i in range(6):
+        p = str(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(p)
+        paths.append(p)
+    ds = common.image_dataset(paths, 8, 6, lambda x: x / 255 - 0.5, seed=1, labels=list(range(6)))
+    it = iter(ds)
+    images, labels = next(it)
+    np.testing.assert_allclose(images.numpy()[:, 0, 0, 0], np.asarray(labels) * 40 / 255 - 0.5, atol=1e-6)
+    orders = [tuple(next(it)[1].numpy()) for _ in range(4)]
+    assert len(set(orders + [tuple(labels.numpy())])) > 1
+
+
+def test_grid_tiles_row_by_row_with_the_spec_pixel_mapping(tmp_path):
+    images = np.stack([np.full((2, 3, 3), v, np.float32) for v in (-1.0, 0.0, 1.0, 2.0)])
+    grid = common.image_grid(images, rows=2, cols=2)
+    assert grid.shape == (4, 6, 3) and grid.dtype == np.uint8
+    assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 128 and grid[2, 0, 0] == 255 and grid[2, 3, 0] == 255
+    path = common.save_grid(str(tmp_path / "g.png"), images, 2, 2)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
+    assert os.listdir(tmp_path) == ["g.png"]
+
+
+def test_unwritable_out_is_reported_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(common.UsageError, match=r"--out '.*file/run': cannot write there"):
+        common.ensure_writable_dir(str(blocker / "run"))
+
+
+def test_resumed_run_must_have_the_same_model_flags(tmp_path):
+    common.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-4}, ["img_size"])
+    common.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-5}, ["img_size"])
+    with pytest.raises(common.UsageError, match="saved with --img-size 128, asked for 64"):
+        common.check_run_config(str(tmp_path), {"img_size": 64, "lr": 1e-5}, ["img_size"])
+
+
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_run_checkpoint_resumes_with_weights_optimiser_state_and_one_csv_line_per_epoch(tmp_path):
+    x = RNG.randn(32, 3).astype("float32")
+    y = x.sum(1, keepdims=True)
+    run = str(tmp_path)
+    model = tiny_model()
+    cb = common.RunCheckpoint(run)
+    model.fit(x, y, batch_size=8, epochs=2, initial_epoch=cb.restore(model), callbacks=[cb], verbose=0)
+    saved = [w.numpy() for w in model.weights]
+    steps = int(model.optimizer.iterations.numpy())
+
+    resumed = tiny_model()
+    cb2 = common.RunCheckpoint(run)
+    start = cb2.restore(resumed)
+    assert start == 2
+    for a, b in zip(saved, resumed.weights):
+        np.testing.assert_array_equal(a, b.numpy())
+    assert int(resumed.optimizer.iterations.numpy()) == steps
+    resumed.fit(x, y, batch_size=8, epochs=3, initial_epoch=start, callbacks=[cb2], verbose=0)
+    rows = list(csv.reader(open(os.path.join(run, "log.csv"))))
+    assert [r[0] for r in rows] == ["epoch", "1", "2", "3"]
+    assert sorted(os.listdir(run)) == ["best.weights.h5", "latest.weights.h5", "log.csv", "state.json"]
+    assert common.read_json(os.path.join(run, "state.json"))["epochs_done"] == 3
+
+
+def test_resume_cuts_csv_lines_written_after_the_last_saved_epoch(tmp_path):
+    x = RNG.randn(16, 3).astype("float32")
+    model = tiny_model()
+    cb = common.RunCheckpoint(str(tmp_path))
+    model.fit(x, x[:, :1], epochs=1, callbacks=[cb], verbose=0)
+    with open(tmp_path / "log.csv", "a") as f:  # a line from an epoch whose save never finished
+        f.write("2,0.5\n")
+    assert common.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 1
+    assert [r[0] for r in csv.reader(open(tmp_path / "log.csv"))] == ["epoch", "1"]
+
+
+def test_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    model = tiny_model()
+    cb = common.RunCheckpoint(str(tmp_path))
+    model.fit(RNG.randn(8, 3), RNG.randn(8, 1), epochs=1, callbacks=[cb], verbose=0)
+    with open(tmp_path / "latest.weights.h5", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(common.UsageError, match=r"latest.weights.h5: cannot resume"):
+        common.RunCheckpoint(str(tmp_path)).restore(tiny_model())
