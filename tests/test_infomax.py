@@ -1,0 +1,319 @@
+"""Properties of infomax.py (Deep InfoMax with a KL prior, SPEC.md section 2)."""
+
+import csv
+import io
+import json
+import os
+import pickle
+import tarfile
+from unittest import mock
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import keras
+
+import infomax
+from conftest import SHARED_DATA
+
+CIFAR_SUBSET = os.path.join(SHARED_DATA, "cifar10-subset")
+TINY_IMAGENET = os.path.join(SHARED_DATA, "tiny-imagenet-200")
+
+
+def trainable(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def small_model(seed=0, img_size=8, z_dim=8):
+    """A one-stage model (8 px -> 4x4x256) that is quick to build and run."""
+    args = infomax.parse_args(["--dataset", "folder", "--img-size", str(img_size), "--z-dim",
+                               str(z_dim), "--seed", str(seed), "--no-jit"])
+    return infomax.build_model(args)
+
+
+# --------------------------------------------------------------------------- the loss
+
+def numpy_mlp(discriminator, x):
+    """Dense(relu) x 3 -> Dense(sigmoid) on the last axis, from the layer's weights."""
+    dense = [layer for layer in discriminator.layers if isinstance(layer, keras.layers.Dense)]
+    for i, layer in enumerate(dense):
+        kernel, bias = (np.asarray(w, np.float64) for w in layer.get_weights())
+        x = x @ kernel + bias
+        x = np.maximum(x, 0) if i < len(dense) - 1 else 1 / (1 + np.exp(-x))
+    return x
+
+
+def test_loss_matches_spec_formula_computed_by_hand():
+    rng = np.random.default_rng(0)
+    batch, z_dim, height, channels = 4, 3, 2, 5
+    keras.utils.set_random_seed(1)
+    global_d = infomax.build_discriminator((2 * z_dim,), "g")
+    local_d = infomax.build_discriminator((height, height, z_dim + channels), "l")
+    z, mu, logvar = (rng.normal(size=(batch, z_dim)).astype("float32") for _ in range(3))
+    local_map = rng.normal(size=(batch, height, height, channels)).astype("float32")
+    global_perm, local_perm = np.array([1, 2, 3, 0]), np.array([2, 0, 3, 1])
+
+    terms = infomax.infomax_loss(global_d, local_d, z, mu, logvar, local_map, global_perm, local_perm)
+
+    # SPEC.md: positives [z, z] and [tile(z), C]; negatives use the permuted batch.
+    g_pos = numpy_mlp(global_d, np.concatenate([z, z], -1))
+    g_neg = numpy_mlp(global_d, np.concatenate([z, z[global_perm]], -1))
+    z_map = np.broadcast_to(z[:, None, None, :], (batch, height, height, z_dim))
+    l_pos = numpy_mlp(local_d, np.concatenate([z_map, local_map], -1))
+    l_neg = numpy_mlp(local_d, np.concatenate([z_map, local_map[local_perm]], -1))
+    global_term = -np.mean(np.log(g_pos + 1e-6) + np.log(1 - g_neg + 1e-6))
+    local_term = -np.mean(np.log(l_pos + 1e-6) + np.log(1 - l_neg + 1e-6))
+    prior = -0.5 * np.mean(1 + logvar - mu ** 2 - np.exp(logvar))
+    expected = 0.5 * global_term + 1.5 * local_term + 0.01 * prior
+
+    np.testing.assert_allclose(float(terms["global"]), global_term, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["local"]), local_term, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["prior"]), prior, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["global_acc_pos"]), np.mean(g_pos > 0.5))
+    np.testing.assert_allclose(float(terms["local_acc_neg"]), np.mean(l_neg < 0.5))
+
+
+def test_permutations_are_fresh_permutations_and_rarely_the_identity():
+    seed_generator = keras.random.SeedGenerator(3)
+    draws = [np.asarray(infomax.random_permutation(16, seed_generator)) for _ in range(5)]
+    for perm in draws:
+        assert sorted(perm) == list(range(16))
+        assert not np.array_equal(perm, np.arange(16))
+    assert len({tuple(p) for p in draws}) == 5  # a new one every step
+
+
+def test_training_loss_scores_negatives_with_the_drawn_permutations():
+    """The step's loss equals the loss with the permutations its seed generator draws,
+    and those are what make the negatives differ from the positives."""
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
+    drawn, replayed = small_model(seed=5), small_model(seed=5)
+    replay = keras.random.SeedGenerator(5)
+    keras.random.normal((8, 8), seed=replay)  # the posterior noise is drawn first
+    global_perm = infomax.random_permutation(8, replay)
+    local_perm = infomax.random_permutation(8, replay)
+    assert not np.array_equal(np.asarray(global_perm), np.arange(8))
+
+    terms = drawn.infomax_terms(images)
+    same = replayed.infomax_terms(images, global_perm=global_perm, local_perm=local_perm)
+    np.testing.assert_allclose(float(terms["loss"]), float(same["loss"]), rtol=1e-6)
+
+    identity = small_model(seed=5).infomax_terms(images, global_perm=np.arange(8),
+                                                 local_perm=np.arange(8))
+    assert abs(float(identity["loss"]) - float(terms["loss"])) > 1e-4
+
+
+def test_a_few_steps_lower_the_loss():
+    model = small_model(seed=0)
+    images = np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 3)).astype("float32")
+    stream = infomax.training_stream((images * 127.5 + 127.5).astype("uint8"), 16, (-1.0, 1.0), 0)
+    history = model.fit(stream, epochs=6, steps_per_epoch=5, verbose=0, shuffle=False).history
+    assert history["loss"][-1] < 0.8 * history["loss"][0], history["loss"]
+
+
+# --------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("dataset, total, encoder, bn_stats", [
+    ("cifar10", 2_210_818, 1_618_688, 1_920),
+    ("tiny-imagenet", 2_228_482, 1_636_352, 1_984)])
+def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
+    model = infomax.build_model(infomax.parse_args(["--dataset", dataset, "--no-jit"]))
+    assert trainable(model.trainable_weights) == total
+    assert trainable(infomax.feature_extractor(model.encoder).trainable_weights) == encoder
+    assert trainable(model.non_trainable_weights) == bn_stats
+    assert model.encoder.outputs[2].shape[1:] == (4, 4, 256)
+
+
+# --------------------------------------------------------------------------- data
+
+def write_cifar_batch(path, images, labels, label=b"training batch 1 of 5"):
+    """The official python-pickle format: protocol 2, bytes keys, rows of 1024 R, G, B."""
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": label, b"labels": list(map(int, labels)), b"data": data}, f,
+                    protocol=2)
+
+
+def make_cifar_fixture(folder, rows=3, seed=0):
+    rng = np.random.default_rng(seed)
+    batches = os.path.join(folder, "cifar-10-batches-py")
+    os.makedirs(batches)
+    written = {}
+    for name in infomax.CIFAR_TRAIN + infomax.CIFAR_TEST:
+        images = rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, rows)
+        labels[:2] = [0, 1]  # both classes of the end-to-end run appear in every batch
+        write_cifar_batch(os.path.join(batches, name), images, labels)
+        written[name] = images, labels
+    return batches, written
+
+
+def test_cifar_loader_reads_the_pickle_format(tmp_path):
+    batches, written = make_cifar_fixture(str(tmp_path), rows=3)
+    one = np.zeros((1, 32, 32, 3), np.uint8)
+    one[0, 5, 7] = (10, 20, 30)  # red, green, blue planes at row 5, column 7
+    write_cifar_batch(os.path.join(batches, "test_batch"), one, [4], b"testing batch 1 of 1")
+    raw = pickle.load(open(os.path.join(batches, "test_batch"), "rb"), encoding="bytes")[b"data"]
+    assert [raw[0, 5 * 32 + 7 + plane * 1024] for plane in range(3)] == [10, 20, 30]
+
+    for where in (batches, str(tmp_path)):
+        (x_train, y_train), (x_test, y_test) = infomax.load_cifar10(where)
+        assert x_train.shape == (15, 32, 32, 3) and x_train.dtype == np.uint8
+        np.testing.assert_array_equal(x_train[:3], written["data_batch_1"][0])
+        np.testing.assert_array_equal(y_train[3:6], written["data_batch_2"][1])
+        assert list(x_test[0, 5, 7]) == [10, 20, 30] and list(y_test) == [4]
+
+
+def test_cifar_loader_reads_the_official_tarball(tmp_path):
+    batches, written = make_cifar_fixture(str(tmp_path / "src"), rows=2)
+    tarball = str(tmp_path / "cifar-10-python.tar.gz")
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(batches, arcname="cifar-10-batches-py")
+    (x_train, _), (x_test, y_test) = infomax.load_cifar10(tarball)
+    assert len(x_train) == 10
+    np.testing.assert_array_equal(x_test, written["test_batch"][0])
+    assert len(infomax.load_cifar10(str(tmp_path))[0][0]) == 10  # the folder holding the tarball
+
+
+@pytest.mark.skipif(not os.path.isdir(CIFAR_SUBSET), reason=f"{CIFAR_SUBSET} not present")
+def test_cifar_loader_reads_the_shared_subset():
+    (x_train, y_train), (x_test, y_test) = infomax.load_cifar10(CIFAR_SUBSET)
+    assert x_train.shape == (5 * 1017, 32, 32, 3) and x_test.shape == (1017, 32, 32, 3)
+    assert list(x_train[0, 0, :3, 0]) == [59, 43, 50]  # data_batch_1 row 0 starts 59, 43, 50 (red)
+    assert list(y_train[:10]) == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+
+
+def test_cifar_loader_errors_name_the_flag(tmp_path):
+    with pytest.raises(infomax.UsageError, match="--data-dir"):
+        infomax.load_cifar10(str(tmp_path))
+    (tmp_path / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(infomax.UsageError, match="--data-dir .*not readable"):
+        infomax.load_cifar10(str(tmp_path))
+    with mock.patch("keras.datasets.cifar10.load_data", side_effect=Exception("offline")):
+        with pytest.raises(infomax.UsageError, match="pass --data-dir"):
+            infomax.load_cifar10(None)
+
+
+def make_tiny_imagenet(root, per_class=3):
+    rng = np.random.default_rng(0)
+    wnids = ["n01", "n02"]
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for wnid in wnids:
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            iio.imwrite(folder / f"{wnid}_{i}.JPEG", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8),
+                        extension=".jpeg")
+    iio.imwrite(root / "train" / "n02" / "images" / "n02_grey.JPEG",
+                rng.integers(0, 256, (64, 64), dtype=np.uint8), extension=".jpeg")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i, wnid in enumerate(["n02", "n01"]):
+        iio.imwrite(root / "val" / "images" / f"val_{i}.JPEG",
+                    rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), extension=".jpeg")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_tiny_imagenet_loader_reads_the_official_layout(tmp_path):
+    make_tiny_imagenet(tmp_path / "tiny-imagenet-200")
+    (x_train, y_train), (x_test, y_test) = infomax.load_tiny_imagenet(str(tmp_path))
+    assert x_train.shape == (7, 64, 64, 3) and x_train.dtype == np.uint8
+    assert list(y_train) == [0, 0, 0, 1, 1, 1, 1] and list(y_test) == [1, 0]
+    grey = x_train[6]  # n02_grey sorts last: the greyscale JPEG became three equal channels
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    with pytest.raises(infomax.UsageError, match="tiny-imagenet-200 layout"):
+        infomax.load_tiny_imagenet(str(tmp_path / "tiny-imagenet-200" / "val"))
+
+
+@pytest.mark.skipif(not os.path.isdir(TINY_IMAGENET), reason=f"{TINY_IMAGENET} not present")
+def test_tiny_imagenet_loader_reads_the_shared_subset():
+    (x_train, y_train), (x_test, y_test) = infomax.load_tiny_imagenet(TINY_IMAGENET)
+    assert x_train.shape == (4000, 64, 64, 3) and x_test.shape == (2000, 64, 64, 3)
+    assert np.bincount(y_train).tolist() == [20] * 200 and np.bincount(y_test).tolist() == [10] * 200
+    assert x_train.std() > 30  # real pictures, not blanks
+
+
+# --------------------------------------------------------------------------- feature quality
+
+def test_knn_accuracy_on_a_toy_case():
+    def at(*degrees):
+        return np.array([[np.cos(np.radians(d)), np.sin(np.radians(d))] for d in degrees]) * 3
+
+    bank, bank_labels = at(0, 10, 30, 20, 80, 90), np.array([0, 0, 0, 1, 1, 1])
+    queries, labels = at(5, 85, 19), np.array([0, 1, 0])
+    # the query at 19 degrees has a class-1 nearest neighbour (20), but its next two (10, 30)
+    # are class 0 and outvote it when weighted by exp(cosine / temperature)
+    result = infomax.knn_accuracy(bank, bank_labels, queries, labels, ks=(1, 3), temperature=1.0)
+    assert result[1] == pytest.approx(2 / 3) and result[3] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- command line
+
+def run_cli(*argv):
+    with pytest.raises(SystemExit) as exit_info:
+        infomax.main(list(argv))
+    return exit_info.value.code
+
+
+def test_command_line_trains_writes_everything_resumes_and_searches(tmp_path, capsys):
+    make_cifar_fixture(str(tmp_path / "data"), rows=16)
+    out = str(tmp_path / "run")
+    common = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--out", out,
+              "--batch-size", "8", "--steps-per-epoch", "2", "--monitor-knn", "40",
+              "--probe-epochs", "1"]
+    infomax.main(common + ["--epochs", "1"])
+    for name in ("latest.weights.h5", "best.weights.h5", "encoder.weights.h5", "log.csv",
+                 "config.json", "mu_stats.json", "metrics.json", "neighbours_euclidean.png",
+                 "neighbours_cosine.png"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert iio.imread(os.path.join(out, "neighbours_cosine.png")).shape == (320, 320, 3)
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for who in ("trained", "random_encoder"):
+        assert set(metrics[who]) == {"mu", "local"}
+        assert set(metrics[who]["mu"]) == {"knn_k1", "knn_k200_weighted", "linear_probe", "mlp_probe"}
+    assert len(json.load(open(os.path.join(out, "mu_stats.json")))["std_per_dim"]) == 256
+    encoder = infomax.build_encoder(32, 256)
+    encoder.load_weights(os.path.join(out, "encoder.weights.h5"))
+
+    infomax.main(common + ["--epochs", "2"])  # the same command, more epochs: resumes
+    assert "resuming" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for column in ("loss", "global", "local", "prior", "global_acc_pos", "global_acc_neg",
+                   "local_acc_pos", "local_acc_neg", "subset_knn_k1"):
+        assert np.isfinite(float(rows[-1][column])), column
+
+    infomax.main(["evaluate", "--out", out, "--probe-epochs", "1", "--no-baseline"])
+    assert "trained / local" in capsys.readouterr().out
+
+    pictures = tmp_path / "pictures" / "cats"
+    pictures.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        iio.imwrite(pictures / f"{i}.png", rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    infomax.main(["search", "--out", out, "--folder", str(tmp_path / "pictures"),
+                  "--query", str(pictures / "2.png"), "--top", "3"])
+    printed = capsys.readouterr().out
+    assert "1. " + str(pictures / "2.png") in printed  # an image is its own nearest neighbour
+    assert os.path.isfile(os.path.join(out, "search_2_cosine.png"))
+
+    # a different model in the same folder is refused and nothing saved is touched
+    before = open(os.path.join(out, "latest.weights.h5"), "rb").read()
+    assert run_cli(*common, "--epochs", "3", "--z-dim", "64") == 2
+    assert "--z-dim" in capsys.readouterr().err
+    assert open(os.path.join(out, "latest.weights.h5"), "rb").read() == before
+
+
+def test_bad_paths_exit_with_status_2_and_a_clear_message(tmp_path, capsys):
+    assert run_cli("--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
+                   "--out", str(tmp_path / "run")) == 2
+    assert "--data-dir" in capsys.readouterr().err
+    assert run_cli("--dataset", "tiny-imagenet", "--out", str(tmp_path / "run")) == 2
+    assert "needs --data-dir" in capsys.readouterr().err
+    assert run_cli("evaluate", "--out", str(tmp_path / "empty")) == 2
+    assert "no saved run" in capsys.readouterr().err
+    assert run_cli("search", "--out", str(tmp_path / "empty"), "--folder", str(tmp_path),
+                   "--query", "x.png") == 2
+    assert "no trained encoder" in capsys.readouterr().err
