@@ -1,0 +1,352 @@
+"""Tests of f_vaes.py: the loss, the flow, the VAE special case, training, resuming, the CLI."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from conftest import ROOT, SHARED_DATA
+import common
+import f_vaes
+from f_vaes import FVAE, Config, MultiScaleFlow, fvae_loss, general_posterior_loss
+
+TINY = dict(img_size=16, level=2, depth=1, res_steps=1, coupling_width=8)
+TINY_FLAGS = ["--img-size", "16", "--level", "2", "--depth", "1", "--res-steps", "1",
+              "--coupling-width", "8", "--batch-size", "4", "--steps-per-epoch", "3"]
+
+
+def randomise(weights, scale=0.1, seed=0):
+    """Give zero-initialised weights (ActNorm, CondActNorm, last coupling conv) random values,
+    so that every part of the flow does something."""
+    rng = np.random.RandomState(seed)
+    for w in weights:
+        w.assign(w.numpy() + scale * rng.randn(*w.shape).astype("float32"))
+
+
+def tiny_flow(shape=(4, 4, 4), level=2, depth=2, width=8, seed=0):
+    flow = MultiScaleFlow(shape, level, depth, width, seed)
+    flow(np.zeros((1, *shape), "float32"))
+    randomise(flow.trainable_weights, seed=seed)
+    return flow
+
+
+def tiny_model(seed=0):
+    model = FVAE(seed=seed, **TINY)
+    model(np.zeros((1, 16, 16, 3), "float32"))
+    randomise(model.flow.trainable_weights, seed=seed)
+    randomise([w for w in model.decoder.trainable_weights if "res" in w.path], 0.02, seed + 1)
+    model.log_precision.assign(0.3)
+    model.log_noise_scale.assign(-0.7)
+    return model
+
+
+def smooth_images(n, size, seed=0):
+    """Images in [-1, 1] with some spatial structure (blurred noise), like faces are not."""
+    rng = np.random.RandomState(seed)
+    coarse = rng.uniform(-0.8, 0.8, (n, size // 4, size // 4, 3)).astype("float32")
+    return np.asarray(tf.image.resize(coarse, (size, size), method="bilinear"))
+
+
+# --------------------------------------------------------------------------- the flow
+
+def test_inverse_undoes_forward():
+    flow = tiny_flow()
+    v = np.random.RandomState(1).randn(3, 4, 4, 4).astype("float32")
+    z, _ = flow(v)
+    assert z.shape == (3, 64)
+    np.testing.assert_allclose(flow.inverse(z), v, atol=1e-4)
+    z_prior = np.random.RandomState(2).randn(3, 64).astype("float32")
+    np.testing.assert_allclose(flow(flow.inverse(z_prior))[0], z_prior, atol=1e-4)
+
+
+def test_logdet_matches_autodiff_jacobian():
+    flow = tiny_flow()
+    v = tf.constant(np.random.RandomState(3).randn(1, 4, 4, 4).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(v)
+        z, logdet = flow(v)
+    jacobian = tape.jacobian(z, v).numpy().reshape(64, 64).astype("float64")
+    sign, log_abs_det = np.linalg.slogdet(jacobian)
+    assert sign != 0 and abs(float(logdet[0])) > 0.1  # the weights really were randomised
+    np.testing.assert_allclose(float(logdet[0]), log_abs_det, atol=2e-3)
+
+
+def test_model_invertible_end_to_end_at_64():
+    """The real flow at 64x64: v -> z has 12288 numbers and z -> v -> z comes back."""
+    flow = MultiScaleFlow((8, 8, 192), level=4, depth=1, width=16, seed=0)
+    v = np.random.RandomState(0).randn(2, 8, 8, 192).astype("float32")
+    z, _ = flow(v)
+    randomise(flow.trainable_weights, 0.05)
+    z, _ = flow(v)
+    assert z.shape == (2, 64 * 64 * 3) and flow.part_sizes == [6144, 3072, 1536, 1536]
+    np.testing.assert_allclose(flow.inverse(z), v, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- the loss
+
+def test_loss_matches_hand_computation():
+    model = tiny_model()
+    x = smooth_images(2, 16)
+    u = np.random.RandomState(4).randn(2, 2, 2, 192).astype("float32")
+    parts = {k: v.numpy() for k, v in model.loss_parts(x, noise=u).items()}
+
+    t_x, s_u, dims = 0.3, -0.7, 16 * 16 * 3
+    h = model.encoder(x).numpy()
+    v = np.exp(s_u) * u + h
+    g = model.decoder(v).numpy()
+    z, logdet = (t.numpy() for t in model.flow(v))
+    recon = (0.5 * ((np.exp(t_x) * (g - x)) ** 2).sum(axis=(1, 2, 3))
+             + 0.5 * np.log(2 * np.pi) * dims - dims * t_x)
+    prior = 0.5 * (z ** 2).sum(axis=1)
+    entropy = -0.5 * (u ** 2).sum(axis=(1, 2, 3)) - dims * s_u
+    loss = recon + prior + entropy - logdet
+    for name, value in dict(recon=recon, prior=prior, entropy=entropy, flow_logdet=logdet,
+                            loss=loss).items():
+        np.testing.assert_allclose(parts[name], value, rtol=1e-5, atol=1e-2, err_msg=name)
+    np.testing.assert_allclose(parts["bits_per_dim"],
+                               (loss + dims * np.log(128)) / (dims * np.log(2)), rtol=1e-5)
+
+
+def test_loss_is_the_general_posterior_loss_of_the_fvae():
+    """Paper eq. 6 with F_x(u) = F(exp(s_u) u + E(x)): log|det dF_x/du| = flow_logdet + D s_u."""
+    model = tiny_model(seed=1)
+    x = smooth_images(2, 16, seed=1)
+    u = np.random.RandomState(5).randn(2, 2, 2, 192).astype("float32")
+    parts = model.loss_parts(x, noise=u)
+    v = np.exp(-0.7) * u + model.encoder(x).numpy()
+    z, logdet = model.flow(v)
+    general = general_posterior_loss(-parts["recon"], z, u, logdet + 16 * 16 * 3 * -0.7)
+    np.testing.assert_allclose(general, parts["loss"], rtol=1e-5, atol=1e-2)
+
+
+def gaussian_log_density(x, mean, std):
+    return (-0.5 * ((x - mean) / std) ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi)).sum(axis=-1)
+
+
+def test_loss_is_negative_elbo_with_all_constants():
+    """With F = identity, -log N(x; G, e^-t) + log N(v; h, e^s) - log N(v; 0, I), every constant
+    kept, equals the SPEC loss: the constants it drops cancel (basis of the bits/dim claim)."""
+    rng = np.random.RandomState(6)
+    dims, t_x, s_u = 12, np.float64(0.4), np.float64(-1.1)
+    x, g, h, u = (rng.randn(5, dims) for _ in range(4))
+    v = h + np.exp(s_u) * u
+    elbo_terms = (-gaussian_log_density(x, g, np.exp(-t_x)) + gaussian_log_density(v, h, np.exp(s_u))
+                  - gaussian_log_density(v, 0.0, 1.0))
+    parts = fvae_loss(x, g, u, v, np.zeros(5), t_x, s_u)
+    np.testing.assert_allclose(parts["loss"], elbo_terms, rtol=1e-10)
+
+
+def test_reduces_to_standard_vae():
+    """F_x(u) = mu + sigma*u: the general loss minus the reconstruction, averaged over u, is
+    KL(N(mu, sigma^2) || N(0, I)) - exactly, for a set of u with mean 0 and second moment 1
+    per dimension (the loss is quadratic in u)."""
+    rng = np.random.RandomState(7)
+    dims, n = 6, 64
+    mu, log_sigma = rng.randn(dims), 0.5 * rng.randn(dims)
+    u = rng.randn(n // 2, dims)
+    u = np.concatenate([u, -u])                  # mean exactly 0
+    u = u / np.sqrt((u ** 2).mean(axis=0))       # second moment exactly 1
+    z = mu + np.exp(log_sigma) * u
+    per_sample = general_posterior_loss(np.zeros(n), z, u, np.full(n, log_sigma.sum()))
+    kl = 0.5 * (mu ** 2 + np.exp(2 * log_sigma) - 1 - 2 * log_sigma).sum()
+    np.testing.assert_allclose(np.mean(per_sample), kl, rtol=1e-10)
+
+    # the script's loss with F = identity and a scalar sigma = exp(s_u) is that same VAE loss
+    s_u, t_x = np.float64(-0.3), np.float64(0.2)
+    x, g = rng.randn(n, dims), rng.randn(n, dims)
+    z = mu + np.exp(s_u) * u
+    parts = fvae_loss(x, g, u, z, np.zeros(n), t_x, s_u)
+    kl = 0.5 * (mu ** 2 + np.exp(2 * s_u) - 1 - 2 * s_u).sum()
+    np.testing.assert_allclose(np.mean(parts["loss"] - parts["recon"]), kl, rtol=1e-10)
+    np.testing.assert_allclose(parts["recon"], -gaussian_log_density(x, g, np.exp(-t_x)))
+
+
+def test_bits_per_dim_convention():
+    """A uniform density on [-1, 1]^D (nll = D log 2 nats) is 8 bits/dim of 8-bit data."""
+    dims = 48
+    assert f_vaes.bits_per_dim(dims * math.log(2.0), dims) == pytest.approx(8.0)
+    x = np.array([0.0, 127.0, 255.0])
+    y = f_vaes.dequantise(tf.constant(x)).numpy()
+    assert np.all(y > -1) and np.all(y < 1) and np.all((y + 1) / 2 * 256 - x >= 0)
+    assert np.all((y + 1) / 2 * 256 - x < 1)
+
+
+# --------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("img_size", [64, 128])
+def test_parameter_counts_match_spec(img_size):
+    model = f_vaes.build_model(Config(img_size=img_size, seed=0))
+    report = "\n".join(f_vaes.parameter_report(model))
+    for expected in ("encoder trainable parameters:        4,729,536",
+                     "decoder trainable parameters:        4,729,536",
+                     "flow + 2 scalars trainable:          86,371,010",
+                     "whole model trainable:               95,830,082",
+                     "non-trainable batch-norm statistics: 12,096",
+                     "non-trainable permutation indices:   34,560"):
+        assert expected in report
+    assert model.encoder.output.shape == (None, img_size // 8, img_size // 8, 192)
+    assert model.decoder.output.shape == (None, img_size, img_size, 3)
+
+
+@pytest.mark.parametrize("size, level", [(60, 4), (32, 4), (96, 4)])
+def test_image_size_must_divide(size, level):
+    with pytest.raises(common.UsageError, match=r"--img-size %d" % size):
+        f_vaes.check_config(Config(img_size=size, level=level))
+    f_vaes.check_config(Config(img_size=96, level=3))
+
+
+def test_image_size_error_exits_before_building(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "f_vaes.py"), "--img-size", "60",
+                             "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--img-size 60" in result.stderr and "64" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+def test_training_decreases_loss():
+    keras.utils.set_random_seed(0)
+    model = f_vaes.build_model(Config(lr=1e-3, seed=0, **TINY))
+    x = smooth_images(8, 16)
+    u = np.random.RandomState(8).randn(8, 2, 2, 192).astype("float32")
+    before = float(np.mean(model.loss_parts(x, training=True, noise=u)["loss"]))
+    history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=15, epochs=1,
+                        verbose=0)
+    after = float(np.mean(model.loss_parts(x, training=True, noise=u)["loss"]))
+    assert after < before - 20, (before, after)
+    assert set(history.history) >= set(FVAE.LOG_NAMES)
+
+
+# --------------------------------------------------------------------------- command line
+
+def write_image_folder(folder):
+    """Real PNG/JPEG files of every awkward kind, and one unreadable file (first, in training)."""
+    rng = np.random.RandomState(0)
+    picture = lambda h, w, c: (rng.uniform(0, 255, (h // 4, w // 4, c)).repeat(4, 0).repeat(4, 1)  # noqa: E731
+                               .astype("uint8"))
+    folder.mkdir()
+    (folder / "a_broken.png").write_text("not an image")
+    (folder / "sub").mkdir()
+    for i in range(6):
+        iio.imwrite(folder / "sub" / f"face{i}.JPG", picture(20, 20, 3))
+    iio.imwrite(folder / "grey.png", picture(16, 16, 1)[..., 0])
+    iio.imwrite(folder / "rgba.png", picture(16, 16, 4))
+    iio.imwrite(folder / "tall.jpeg", picture(24, 16, 3))
+    iio.imwrite(folder / "z_held_out_1.png", picture(16, 16, 3))
+    iio.imwrite(folder / "z_held_out_2.jpg", picture(32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch of a tiny model trained through the command line on a folder of real files."""
+    base = tmp_path_factory.mktemp("fvae")
+    data, run = base / "faces", base / "run"
+    write_image_folder(data)
+    argv = TINY_FLAGS + ["--data-dir", str(data), "--out", str(run), "--epochs", "1",
+                         "--holdout", "2", "--seed", "3"]
+    with pytest.warns(UserWarning, match="a_broken.png"):
+        assert f_vaes.main(argv) == 0
+    return argv, run
+
+
+def read_log(run):
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_run_writes_its_outputs(tiny_run):
+    _, run = tiny_run
+    for name in ("config.json", "state.json", "log.csv", "latest.weights.h5", "best.weights.h5",
+                 "samples_T1.0_latest.png", "samples_T0.8_latest.png",
+                 "samples/epoch0001_T1.0.png", "samples/epoch0001_T0.8.png"):
+        assert (run / name).exists(), name
+    assert iio.imread(run / "samples_T1.0_latest.png").shape == (9 * 16, 9 * 16, 3)
+    (row,) = read_log(run)
+    assert set(row) == {"epoch", *FVAE.LOG_NAMES} and row["epoch"] == "1"
+    assert json.loads((run / "config.json").read_text())["holdout"] == 2
+
+
+def test_resumed_run_continues_with_the_same_weights(tiny_run):
+    argv, run = tiny_run
+    _, trained = f_vaes.load_run(f_vaes.parse_args(["sample", "--out", str(run),
+                                                    "--weights", "latest"]))
+    saved = [w.numpy() for w in trained.weights]
+    resumed = f_vaes.build_model(Config(seed=99, lr=1e-4, **TINY))  # other seed: other permutations
+    start = common.RunCheckpoint(str(run)).restore(resumed)
+    assert start == 1 and int(resumed.optimizer.iterations.numpy()) == 3
+    for a, b in zip(saved, [w.numpy() for w in resumed.weights]):
+        np.testing.assert_array_equal(a, b)
+
+    # a resumed run with another model is refused, and nothing saved is touched
+    before = (run / "config.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        f_vaes.main([a if a != "8" else "16" for a in argv])
+    assert exit_info.value.code == 2 and (run / "config.json").read_text() == before
+
+    assert f_vaes.main(argv[:-6] + ["--epochs", "2"] + argv[-4:]) == 0
+    assert [row["epoch"] for row in read_log(run)] == ["1", "2"]
+    assert json.loads((run / "state.json").read_text())["epochs_done"] == 2
+    assert (run / "samples/epoch0002_T1.0.png").exists()
+
+
+def test_commands_on_a_trained_run(tiny_run, capsys):
+    _, run = tiny_run
+    out = ["--out", str(run)]
+    assert f_vaes.main(["sample"] + out + ["--temperatures", "1.0,0.5"]) == 0
+    assert f_vaes.main(["reconstruct"] + out) == 0
+    assert f_vaes.main(["interpolate"] + out) == 0
+    assert f_vaes.main(["sweep"] + out) == 0
+    assert f_vaes.main(["evaluate"] + out + ["--weights", "latest"]) == 0
+    shapes = {name: iio.imread(run / name).shape[:2] for name in
+              ("sample_T1.0.png", "sample_T0.5.png", "reconstruct.png", "reconstruct_pairs.png",
+               "interpolate_2.png", "interpolate_4.png", "sweep.png")}
+    assert shapes["sample_T0.5.png"] == (144, 144) and shapes["interpolate_4.png"] == (144, 144)
+    assert shapes["sweep.png"] == (144, 11 * 16) and shapes["reconstruct_pairs.png"] == (144, 144)
+    printed = capsys.readouterr().out
+    assert "evaluated 2 images" in printed and "bits_per_dim" in printed
+    result = json.loads((run / "evaluate.json").read_text())
+    assert result["images"] == 2 and math.isfinite(result["bits_per_dim"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--temperatures", "-0.5"], "temperatures must be numbers >= 0"),
+    (["sample", "--temperatures", "hot"], "expected comma-separated numbers"),
+])
+def test_bad_temperature_is_an_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        f_vaes.main(argv + ["--out", "nowhere"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, capsys):
+    cases = [
+        (["sample", "--out", str(tmp_path / "none")], "--out"),
+        (TINY_FLAGS + ["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "r")],
+         "--data-dir"),
+        (TINY_FLAGS + ["--data-dir", str(tmp_path), "--out", str(tmp_path / "r")], "no .png"),
+    ]
+    for argv, flag in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            f_vaes.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and flag in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "celeba", "celeba_64x64")),
+                    reason="the shared CelebA 64x64 folder is not here (../shared/data/celeba)")
+def test_real_faces_load_as_the_model_expects():
+    files = common.list_image_files(os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
+    assert len(files) == 10000
+    batch = next(iter(common.image_dataset(files[:8], 64, 8, f_vaes.scale_pixels)))
+    assert batch.shape == (8, 64, 64, 3)
+    assert -1.0 <= float(tf.reduce_min(batch)) < -0.5 and 0.5 < float(tf.reduce_max(batch)) <= 1.0
