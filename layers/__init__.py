@@ -4,6 +4,7 @@ Each layer: `y, logdet = layer(x)`, `x = layer.inverse(y)`; logdet is +log|det J
 example. See `layers/flow.py` for the formulas.
 """
 
+from layers.conv import SameConv2D
 from layers.flow import (
     ActNorm,
     CondActNorm,
@@ -19,4 +20,4 @@ from layers.flow import (
 )
 
 __all__ = ["ActNorm", "CondActNorm", "ConcatChannels", "CoupleWrapper", "FlowLayer", "InvConv",
-           "Permute", "Reshape", "SplitChannels", "Squeeze", "UnSqueeze"]
+           "Permute", "Reshape", "SameConv2D", "SplitChannels", "Squeeze", "UnSqueeze"]

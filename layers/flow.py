@@ -19,6 +19,8 @@ import numpy as np
 import keras
 from keras import ops
 
+from layers.conv import SameConv2D
+
 _PACKAGE = "flow_layers"
 
 
@@ -177,9 +179,8 @@ class CondActNorm(FlowLayer):
         x_shape, cond_shape = input_shape
         _require_image(x_shape, self, "x")
         _require_image(cond_shape, self, "cond")
-        self.conv = keras.layers.Conv2D(2 * x_shape[-1], self.kernel_size, padding="same",
-                                        kernel_initializer="zeros", bias_initializer="zeros",
-                                        name="scale_shift")
+        self.conv = SameConv2D(2 * x_shape[-1], self.kernel_size, kernel_initializer="zeros",
+                               bias_initializer="zeros", name="scale_shift")
         self.conv.build(tuple(cond_shape))
 
     def call(self, inputs, inverse=False):
