@@ -38,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 import keras
-from keras import layers, ops
+from keras import ops
 
 import common
 from common import UsageError
@@ -116,14 +116,14 @@ def split_files(files, holdout):
 
 # =========================================================================== encoder / decoder
 
-class ResidualStep(layers.Layer):
+class ResidualStep(keras.layers.Layer):
     """x + Conv1x1_zeroinit(ReLU(BatchNorm(Conv3x3(x)))), keeping the channel count."""
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
-        self.conv3 = layers.Conv2D(channels, 3, padding="same")
-        self.norm = layers.BatchNormalization()
-        self.conv1 = layers.Conv2D(channels, 1, padding="same", kernel_initializer="zeros")
+        self.conv3 = keras.layers.Conv2D(channels, 3, padding="same")
+        self.norm = keras.layers.BatchNormalization()
+        self.conv1 = keras.layers.Conv2D(channels, 1, padding="same", kernel_initializer="zeros")
 
     def call(self, x, training=False):
         return x + self.conv1(ops.relu(self.norm(self.conv3(x), training=training)))
@@ -157,9 +157,9 @@ def coupling_net(channels_out, width):
     """NN of the additive coupling: Conv3x3(width) -> ReLU -> Conv1x1(width) -> ReLU ->
     Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity."""
     return keras.Sequential([
-        layers.Conv2D(width, 3, padding="same", activation="relu"),
-        layers.Conv2D(width, 1, padding="same", activation="relu"),
-        layers.Conv2D(channels_out, 3, padding="same", kernel_initializer="zeros"),
+        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(width, 1, padding="same", activation="relu"),
+        keras.layers.Conv2D(channels_out, 3, padding="same", kernel_initializer="zeros"),
     ])
 
 
@@ -179,7 +179,7 @@ class FlowStep(FlowLayer):
         return x, logdet
 
 
-class FactorOut(layers.Layer):
+class FactorOut(keras.layers.Layer):
     """End of a level: split (x1, x2); x2 -> CondActNorm conditioned on x1 -> flattened and set
     aside; x1 -> Squeeze, to the next level. Returns (next_x, set_aside, logdet)."""
 
@@ -204,7 +204,7 @@ class FactorOut(layers.Layer):
         return self.split.inverse([x1, x2])
 
 
-class MultiScaleFlow(layers.Layer):
+class MultiScaleFlow(keras.layers.Layer):
     """F: v (S/8 x S/8 x 192) -> z (S*S*3 numbers), `levels` x `depth` FlowSteps with a
     FactorOut between levels, a final ActNorm, and all parts concatenated (set-aside first).
 
@@ -483,7 +483,7 @@ def load_run(args):
     return config, model
 
 
-def real_images(config, n, seed, args):
+def real_images(config, n, seed):
     """n real images in [-1, 1]: held-out files if any (else training files), seeded choice."""
     files = common.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
@@ -514,7 +514,7 @@ def command_sweep(args, config, model):
 def command_reconstruct(args, config, model):
     """reconstruct.png: 9x9 G(E(x)); reconstruct_pairs.png: per row three triples of
     (original, G(E(x)), G(F^-1(F(E(x))))) - the last goes through the flow both ways."""
-    x = real_images(config, args.rows * args.cols, args.seed, args)
+    x = real_images(config, args.rows * args.cols, args.seed)
     direct = ops.convert_to_numpy(model.reconstruct(x))
     print(common.save_grid(os.path.join(args.out, "reconstruct.png"), direct, args.rows, args.cols))
     triples = args.rows * (args.cols // 3)
@@ -528,14 +528,14 @@ def command_interpolate(args, config, model):
     """interpolate_2.png: per row, `cols` steps linear in z between two real images;
     interpolate_4.png: rows x cols, bilinear in z between four real images at the corners."""
     steps = np.linspace(0.0, 1.0, args.cols, dtype="float32")
-    x = real_images(config, 2 * args.rows, args.seed, args)
+    x = real_images(config, 2 * args.rows, args.seed)
     z = ops.convert_to_numpy(model.latent(x))
     z_a, z_b = z[0::2], z[1::2]
     path = (z_a[:, None] * (1 - steps)[None, :, None] + z_b[:, None] * steps[None, :, None])
     images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in path])
     print(common.save_grid(os.path.join(args.out, "interpolate_2.png"), images, args.rows, args.cols))
 
-    corners = ops.convert_to_numpy(model.latent(real_images(config, 4, args.seed + 1, args)))
+    corners = ops.convert_to_numpy(model.latent(real_images(config, 4, args.seed + 1)))
     a = np.linspace(0.0, 1.0, args.rows, dtype="float32")[:, None, None]
     b = steps[None, :, None]
     grid = ((1 - a) * (1 - b) * corners[0] + (1 - a) * b * corners[1]
@@ -653,8 +653,6 @@ def train_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.seed < 0:
-        args.seed = -1
     try:
         if args.command == "train":
             config = train_config(args)
@@ -666,7 +664,7 @@ def main(argv=None):
             train(config, args.out)
             return 0
         config, model = load_run(args)
-        args.seed = max(args.seed, 0)
+        args.seed = max(args.seed, 0)  # pictures and evaluation: seed 0 unless given
         {"sample": command_sample, "sweep": command_sweep, "reconstruct": command_reconstruct,
          "interpolate": command_interpolate, "evaluate": command_evaluate}[args.command](
             args, config, model)

@@ -212,6 +212,14 @@ def test_image_size_error_exits_before_building(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_held_out_files_are_the_last_of_the_sorted_list():
+    files = [f"{i:03d}.png" for i in range(10)]
+    assert f_vaes.split_files(files, 3) == (files[:7], files[7:])
+    assert f_vaes.split_files(files, 0) == (files, [])
+    with pytest.raises(common.UsageError, match="--holdout 10"):
+        f_vaes.split_files(files, 10)
+
+
 # --------------------------------------------------------------------------- training
 
 def test_training_decreases_loss():
