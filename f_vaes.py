@@ -42,7 +42,7 @@ from keras import ops
 
 import common
 from common import UsageError
-from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
+from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape, SameConv2D,
                     SplitChannels, Squeeze, UnSqueeze)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,11 +155,13 @@ def build_decoder(img_size, res_steps):
 
 def coupling_net(channels_out, width):
     """NN of the additive coupling: Conv3x3(width) -> ReLU -> Conv1x1(width) -> ReLU ->
-    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity."""
+    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity.
+    (SameConv2D is Conv2D(padding="same"), computed as a matmul on the 2x2 and 1x1 maps of
+    the last levels, where TensorFlow's CPU convolution is slow.)"""
     return keras.Sequential([
-        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
+        SameConv2D(width, 3, activation="relu"),
         keras.layers.Conv2D(width, 1, padding="same", activation="relu"),
-        keras.layers.Conv2D(channels_out, 3, padding="same", kernel_initializer="zeros"),
+        SameConv2D(channels_out, 3, kernel_initializer="zeros"),
     ])
 
 

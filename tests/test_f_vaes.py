@@ -28,7 +28,8 @@ def randomise(weights, scale=0.1, seed=0):
     so that every part of the flow does something."""
     rng = np.random.RandomState(seed)
     for w in weights:
-        w.assign(w.numpy() + scale * rng.randn(*w.shape).astype("float32"))
+        if not np.any(w.numpy()):
+            w.assign(scale * rng.randn(*w.shape).astype("float32"))
 
 
 def tiny_flow(shape=(4, 4, 4), level=2, depth=2, width=8, seed=0):
@@ -42,7 +43,7 @@ def tiny_model(seed=0):
     model = FVAE(seed=seed, **TINY)
     model(np.zeros((1, 16, 16, 3), "float32"))
     randomise(model.flow.trainable_weights, seed=seed)
-    randomise([w for w in model.decoder.trainable_weights if "res" in w.path], 0.02, seed + 1)
+    randomise(model.decoder.trainable_weights, 0.02, seed + 1)
     model.log_precision.assign(0.3)
     model.log_noise_scale.assign(-0.7)
     return model
@@ -84,7 +85,7 @@ def test_model_invertible_end_to_end_at_64():
     flow = MultiScaleFlow((8, 8, 192), level=4, depth=1, width=16, seed=0)
     v = np.random.RandomState(0).randn(2, 8, 8, 192).astype("float32")
     z, _ = flow(v)
-    randomise(flow.trainable_weights, 0.05)
+    randomise(flow.trainable_weights, 0.01)
     z, _ = flow(v)
     assert z.shape == (2, 64 * 64 * 3) and flow.part_sizes == [6144, 3072, 1536, 1536]
     np.testing.assert_allclose(flow.inverse(z), v, atol=1e-3)
