@@ -42,7 +42,7 @@ from keras import ops
 
 import common
 from common import UsageError
-from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape, SameConv2D,
+from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
                     SplitChannels, Squeeze, UnSqueeze)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,13 +155,11 @@ def build_decoder(img_size, res_steps):
 
 def coupling_net(channels_out, width):
     """NN of the additive coupling: Conv3x3(width) -> ReLU -> Conv1x1(width) -> ReLU ->
-    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity.
-    (SameConv2D is Conv2D(padding="same"), computed as a matmul on the 2x2 and 1x1 maps of
-    the last levels, where TensorFlow's CPU convolution is slow.)"""
+    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity."""
     return keras.Sequential([
-        SameConv2D(width, 3, activation="relu"),
+        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
         keras.layers.Conv2D(width, 1, padding="same", activation="relu"),
-        SameConv2D(channels_out, 3, kernel_initializer="zeros"),
+        keras.layers.Conv2D(channels_out, 3, padding="same", kernel_initializer="zeros"),
     ])
 
 
@@ -445,8 +443,6 @@ def train(config, run_dir):
     print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
           f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
     keras.utils.set_random_seed(config.seed)
-    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels)
-
     model = build_model(config, verbose=True)
     checkpoint = common.RunCheckpoint(run_dir, monitor="loss")
     initial_epoch = checkpoint.restore(model)
@@ -454,6 +450,12 @@ def train(config, run_dir):
         print(f"{run_dir} has already trained {initial_epoch} of --epochs {config.epochs}",
               file=sys.stderr)
         return model
+    # A resumed run draws new batches and new noise u, not those of its first epochs again
+    # (the noise generator's state is not part of the weights file).
+    keras.utils.set_random_seed(config.seed + initial_epoch)
+    model.seed_generator.state.assign(
+        ops.cast([config.seed, model.optimizer.iterations.numpy()], model.seed_generator.state.dtype))
+    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels)
     model.fit(dataset, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
               initial_epoch=initial_epoch, shuffle=False,
               callbacks=[checkpoint, SampleGrids(run_dir, seed=config.seed),
