@@ -32,8 +32,8 @@ import keras
 from keras import layers, ops
 
 from common import (UsageError, atomic_save_weights, check_run_config, ensure_writable_dir, fail,
-                    find_readable_images, image_dataset, list_image_files, read_json, save_grid,
-                    write_json, RunCheckpoint)
+                    find_readable_images, image_dataset, read_json, save_grid,
+                    scan_image_folder, write_json, RunCheckpoint)
 
 # --------------------------------------------------------------------------- configuration
 
@@ -195,6 +195,8 @@ def load_cifar10(data_dir=None):
 
 def decode_images(files, img_size, labels=None):
     """Decode image files (in parallel, in order) into uint8 (N, S, S, 3); greyscale -> RGB."""
+    if not files:
+        return np.zeros((0, img_size, img_size, 3), np.uint8), np.zeros(0, np.int64)
     index = np.arange(len(files))
     ds = image_dataset(files, img_size, batch_size=256, scale=lambda x: x, shuffle=False,
                        repeat=False, seed=0, drop_remainder=False, labels=index)
@@ -264,13 +266,13 @@ def folder_classes(files, root):
 
 def load_folder(data_dir, img_size, seed=0, test_fraction=0.1):
     """Any folder of images; a seeded 10% is held out as the test split (queries, metrics)."""
-    files = list_image_files(data_dir)
+    files = scan_image_folder(data_dir, img_size)
     labels, _ = folder_classes(files, data_dir)
     order = np.random.default_rng(seed).permutation(len(files))
     n_test = int(round(len(files) * test_fraction)) if len(files) >= 10 else 0
     test, train = order[:n_test], order[n_test:]
-    return (_decode_readable([files[i] for i in train], labels[train], img_size),
-            _decode_readable([files[i] for i in test], labels[test], img_size))
+    return (decode_images([files[i] for i in train], img_size, labels[train]),
+            decode_images([files[i] for i in test], img_size, labels[test]))
 
 
 def load_data(args):
@@ -574,6 +576,10 @@ def save_neighbour_pictures(run_dir, train_mu, test_mu, train_images, test_image
 def evaluate_run(run_dir, encoder, train, test, args):
     """Everything SPEC.md and issue 4 ask of a trained encoder; writes and prints it."""
     atomic_save_weights(encoder, os.path.join(run_dir, "encoder.weights.h5"))
+    held_out = len(test[0]) > 0
+    if not held_out:
+        print("no test images: the queries come from the training split")
+        test = train
     if args.eval_limit:
         train = train[0][:args.eval_limit], train[1][:args.eval_limit]
         test = test[0][:max(args.eval_limit // 5, 1)], test[1][:max(args.eval_limit // 5, 1)]
@@ -587,8 +593,8 @@ def evaluate_run(run_dir, encoder, train, test, args):
     pictures = save_neighbour_pictures(run_dir, mu, test_features["mu"], train[0], test[0], args.seed)
     print(f"mu over the training set: mean {mu.mean():.4f}, std {mu.std():.4f} (mu_stats.json); "
           f"wrote " + ", ".join(pictures))
-    if (train[1] < 0).any() or (test[1] < 0).any() or len(test[0]) == 0:
-        print("no class labels (sub-folders): skipping the accuracy metrics")
+    if not held_out or (train[1] < 0).any() or (test[1] < 0).any() or len(set(train[1])) < 2:
+        print("no labelled test split with two or more classes: skipping the accuracy metrics")
         return None
     state_path = os.path.join(run_dir, "state.json")
     metrics = {"epochs_done": read_json(state_path)["epochs_done"] if os.path.exists(state_path) else 0,
@@ -646,9 +652,7 @@ def search(args):
     encoder = build_encoder(img_size, config["z_dim"])
     encoder.load_weights(weights_path)
 
-    files, _ = find_readable_images(list_image_files(args.folder, "--folder"), img_size)
-    if not files:
-        raise UsageError(f"--folder {args.folder!r}: no readable images")
+    files = scan_image_folder(args.folder, img_size, "--folder")
     for q in args.query:
         if not os.path.isfile(q):
             raise UsageError(f"--query {q!r}: no such file")

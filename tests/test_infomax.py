@@ -235,6 +235,19 @@ def test_tiny_imagenet_loader_reads_the_shared_subset():
     assert x_train.std() > 30  # real pictures, not blanks
 
 
+def test_folder_dataset_takes_classes_from_sub_folders_and_skips_bad_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            iio.imwrite(tmp_path / name / f"{i}.png", rng.integers(0, 256, (12, 16), dtype=np.uint8))
+    (tmp_path / "dogs" / "broken.png").write_text("not an image")
+    with pytest.warns(UserWarning, match="broken.png"):
+        (x_train, y_train), (x_test, y_test) = infomax.load_folder(str(tmp_path), img_size=8)
+    assert x_train.shape == (18, 8, 8, 3) and x_test.shape == (2, 8, 8, 3)
+    assert sorted(np.concatenate([y_train, y_test]).tolist()) == [0] * 10 + [1] * 10
+
+
 # --------------------------------------------------------------------------- feature quality
 
 def test_knn_accuracy_on_a_toy_case():
