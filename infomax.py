@@ -114,8 +114,8 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 2 (negatives come from shuffling the batch)")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         p.error(f"--steps-per-epoch must be at least 1, got {args.steps_per_epoch}")
-    if args.img_size < LOCAL_MAP_SIZE or args.img_size & (args.img_size - 1):
-        p.error(f"--img-size must be a power of two >= {LOCAL_MAP_SIZE}, got {args.img_size}")
+    if args.img_size < 2 * LOCAL_MAP_SIZE or args.img_size & (args.img_size - 1):
+        p.error(f"--img-size must be a power of two >= {2 * LOCAL_MAP_SIZE}, got {args.img_size}")
     return args
 
 
@@ -575,7 +575,6 @@ def save_neighbour_pictures(run_dir, train_mu, test_mu, train_images, test_image
 
 def evaluate_run(run_dir, encoder, train, test, args):
     """Everything SPEC.md and issue 4 ask of a trained encoder; writes and prints it."""
-    atomic_save_weights(encoder, os.path.join(run_dir, "encoder.weights.h5"))
     held_out = len(test[0]) > 0
     if not held_out:
         print("no test images: the queries come from the training split")
