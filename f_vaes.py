@@ -597,11 +597,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="folder of PNG/JPEG faces, searched recursively (default: the shared "
                         "CelebA folder for --img-size 64 or 128, if present)")
-    p.add_argument("--img-size", type=int, default=d.img_size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
+    p.add_argument("--img-size", type=int, default=d.img_size,
+                   help="S: a multiple of 8 x 2^(level-1), e.g. 64 or 128")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="train until this epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
+                   help="steps between checkpoints, sample grids and CSV lines")
     p.add_argument("--depth", type=int, default=d.depth, help="flow steps per level (K)")
     p.add_argument("--level", type=int, default=d.level, help="flow levels (L)")
     p.add_argument("--res-steps", type=int, default=d.res_steps,
@@ -622,8 +624,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep", type=temperature_list,
                    default=[round(0.1 * i, 1) for i in range(11)],
                    help="sweep: the temperatures of the columns")
-    p.add_argument("--rows", type=int, default=9)
-    p.add_argument("--cols", type=int, default=9)
+    p.add_argument("--rows", type=int, default=9, help="rows of the command pictures")
+    p.add_argument("--cols", type=int, default=9, help="columns of the command pictures")
     p.add_argument("--eval-dir", default=None,
                    help="evaluate: every image of this folder instead of the run's held-out files")
     args = p.parse_args(argv)
