@@ -381,7 +381,7 @@ def build_model(config, verbose=False):
     model.optimizer.build(model.trainable_variables)
     if verbose:
         for line in parameter_report(model):
-            print(line)
+            print(line, flush=True)
     return model
 
 
