@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 import keras
+import h5py
 import imageio.v3 as iio
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -136,7 +137,9 @@ def image_dataset(files, img_size, batch_size, scale, shuffle=True, repeat=True,
         image = scale(load_image(path, img_size))
         return (image, *label) if label else image
 
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=seed is not None)
+    # Order follows the file list unless it is shuffled without a seed (then any order will do).
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=not shuffle or seed is not None)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -220,21 +223,36 @@ def check_run_config(run_dir, config, must_match, flag_of=lambda k: "--" + k.rep
     write_json(path, config)
 
 
-def atomic_save_weights(model, path):
-    """`model.save_weights` (weights and optimiser state) through a temporary file + rename."""
+def atomic_save_weights(model, path, **attrs):
+    """`model.save_weights` (weights and optimiser state) through a temporary file + rename.
+
+    `attrs` (e.g. epochs_done=3) are stored inside the same HDF5 file, so that the weights
+    and the count they belong to are committed by one rename and can never disagree.
+    """
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
     model.save_weights(tmp, overwrite=True)
+    if attrs:
+        with h5py.File(tmp, "a") as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
     os.replace(tmp, path)
+
+
+def weights_attrs(path):
+    """The attributes `atomic_save_weights` stored in a weights file ({} if none)."""
+    with h5py.File(path, "r") as f:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
 class RunCheckpoint(keras.callbacks.Callback):
     """Save a run after every epoch so that the same command resumes it.
 
-    Writes, in `run_dir`: `latest.weights.h5` (weights + optimiser state), `best.weights.h5`
-    (lowest `monitor` so far), `state.json` (epochs done, best value) and one line per epoch
-    in `log.csv`. Every file is written to a temporary name and renamed, and the CSV is cut
-    back to the saved epoch on resume, so an interrupted run never has a half-written
-    checkpoint or duplicated lines. Call `restore()` before `fit` and pass its result as
+    Writes, in `run_dir`: `latest.weights.h5` (weights + optimiser state + the number of
+    epochs done, in one file), `best.weights.h5` (lowest `monitor` so far), `state.json`
+    (epochs done, best value, for reading) and one line per epoch in `log.csv`. Every file
+    is written to a temporary name and renamed, and the CSV is cut back to the saved epoch
+    on resume, so an interrupted run never has a half-written checkpoint, weights that
+    disagree with the epoch count, or duplicated lines. Call `restore()` before `fit` and pass its result as
     `initial_epoch`. The model and its optimiser must be built first.
     """
 
@@ -250,13 +268,19 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def restore(self, model):
         """Load the last completed epoch, if any; returns the epoch to start from."""
-        if not (os.path.exists(self.state_path) and os.path.exists(self.latest)):
+        if not os.path.exists(self.latest):
             return 0
         try:
-            self.state = read_json(self.state_path)
+            # The epoch count stored inside the weights file is the one that goes with them
+            # (state.json could be one save behind if a run was killed between the two).
+            saved = weights_attrs(self.latest)
             model.load_weights(self.latest)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
             raise UsageError(f"{self.latest}: cannot resume from this checkpoint ({e})") from None
+        if "epochs_done" not in saved and os.path.exists(self.state_path):
+            saved = read_json(self.state_path)  # written by an older version
+        self.state = {"epochs_done": int(saved.get("epochs_done", 0)),
+                      "best": None if saved.get("best") in (None, "") else float(saved["best"])}
         self._trim_csv(self.state["epochs_done"])
         print(f"resuming {self.run_dir} after epoch {self.state['epochs_done']}", file=sys.stderr)
         return self.state["epochs_done"]
@@ -277,12 +301,13 @@ class RunCheckpoint(keras.callbacks.Callback):
         value = logs.get(self.monitor)
         if value is not None and np.isfinite(value) and (
                 self.state["best"] is None or value < self.state["best"]):
-            atomic_save_weights(self.model, self.best)
             self.state["best"] = float(value)
-        atomic_save_weights(self.model, self.latest)
+            atomic_save_weights(self.model, self.best, epochs_done=epoch + 1, best=self.state["best"])
         self.state["epochs_done"] = epoch + 1
-        self._append_csv(epoch + 1, logs)
-        write_json(self.state_path, self.state)
+        atomic_save_weights(self.model, self.latest, epochs_done=epoch + 1,
+                            best=self.state["best"] if self.state["best"] is not None else "")
+        self._append_csv(epoch + 1, logs)  # cut back to epochs_done on resume if this is lost
+        write_json(self.state_path, self.state)  # for people and tools; resume reads the weights
 
     def _append_csv(self, epoch, logs):
         new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0

@@ -174,3 +174,25 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
         f.truncate(100)
     with pytest.raises(common.UsageError, match=r"latest.weights.h5: cannot resume"):
         common.RunCheckpoint(str(tmp_path)).restore(tiny_model())
+
+
+def test_epoch_count_travels_inside_the_weights_file(tmp_path):
+    """A run killed after the weights were renamed but before state.json was written
+    resumes at the epoch of the weights, not one behind."""
+    x = RNG.randn(16, 3).astype("float32")
+    model = tiny_model()
+    cb = common.RunCheckpoint(str(tmp_path))
+    model.fit(x, x[:, :1], epochs=2, callbacks=[cb], verbose=0)
+    common.write_json(str(tmp_path / "state.json"), {"epochs_done": 1, "best": None})  # stale
+    assert common.weights_attrs(str(tmp_path / "latest.weights.h5"))["epochs_done"] == 2
+    assert common.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 2
+
+
+def test_unshuffled_dataset_keeps_the_file_order(tmp_path):
+    paths = []
+    for i in range(40):
+        p = str(tmp_path / f"{i:02d}.png")
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(p)
+        paths.append(p)
+    ds = common.image_dataset(paths, 4, 40, lambda x: x, shuffle=False, repeat=False)
+    np.testing.assert_allclose(next(iter(ds)).numpy()[:, 0, 0, 0], np.arange(40), atol=1e-4)
