@@ -385,6 +385,17 @@ def build_model(config, verbose=False):
     return model
 
 
+def benchmark_setup(img_size=64, batch_size=32, quick=False):
+    """For bench/bench.py: the paper's model at `img_size` (a tiny one with `quick`), compiled
+    as for training, and one batch of random images in [-1, 1]."""
+    config = Config(img_size=img_size, batch_size=batch_size, seed=0)
+    if quick:
+        config = dataclasses.replace(config, depth=2, res_steps=1, coupling_width=32, batch_size=4)
+    model = build_model(config)
+    shape = (config.batch_size, img_size, img_size, 3)
+    return model, tf.constant(np.random.RandomState(0).uniform(-1, 1, shape).astype("float32"))
+
+
 def count(weights):
     return int(sum(np.prod(w.shape) for w in weights))
 

@@ -438,6 +438,16 @@ def build_model(args):
     return model
 
 
+def benchmark_setup(dataset="cifar10", batch_size=64, quick=False):
+    """For bench/bench.py: the model of `dataset` at SPEC.md's size, compiled as for training,
+    and one batch of random images in the model's pixel range (batch 8 with `quick`)."""
+    args = parse_args(["--dataset", dataset, "--batch-size", str(8 if quick else batch_size)])
+    model = build_model(args)
+    shape = (args.batch_size, args.img_size, args.img_size, 3)
+    images = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
+    return model, to_model_pixels(tf.constant(images), args.pixel_range)
+
+
 def count(weights):
     return sum(int(np.prod(w.shape)) for w in weights)
 
