@@ -241,14 +241,26 @@ def atomic_save_weights(model, path, **attrs):
 def weights_attrs(path):
     """The attributes `atomic_save_weights` stored in a weights file ({} if none)."""
     with h5py.File(path, "r") as f:
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        return {k: (v.item() if np.ndim(v) == 0 and hasattr(v, "item") else v)
+                for k, v in f.attrs.items()}
+
+
+def seed_generators(model):
+    """Every `keras.random.SeedGenerator` of the model and its layers, in a fixed order.
+    Their states are not part of `save_weights`, so `RunCheckpoint` stores them itself."""
+    return [g for layer in model._flatten_layers() for g in getattr(layer, "_seed_generators", [])]
+
+
+def seed_states(model):
+    return {f"seed_state_{i}": np.asarray(g.state.numpy())
+            for i, g in enumerate(seed_generators(model))}
 
 
 class RunCheckpoint(keras.callbacks.Callback):
     """Save a run after every epoch so that the same command resumes it.
 
     Writes, in `run_dir`: `latest.weights.h5` (weights + optimiser state + the number of
-    epochs done, in one file), `best.weights.h5` (lowest `monitor` so far), `state.json`
+    epochs done + the states of the model's random seed generators, in one file), `best.weights.h5` (lowest `monitor` so far), `state.json`
     (epochs done, best value, for reading) and one line per epoch in `log.csv`. Every file
     is written to a temporary name and renamed, and the CSV is cut back to the saved epoch
     on resume, so an interrupted run never has a half-written checkpoint, weights that
@@ -277,6 +289,10 @@ class RunCheckpoint(keras.callbacks.Callback):
             model.load_weights(self.latest)
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
             raise UsageError(f"{self.latest}: cannot resume from this checkpoint ({e})") from None
+        for i, generator in enumerate(seed_generators(model)):
+            if f"seed_state_{i}" in saved:  # continue the noise stream, not replay epoch 1's
+                generator.state.assign(np.asarray(saved[f"seed_state_{i}"]).astype(
+                    generator.state.dtype))
         if "epochs_done" not in saved and os.path.exists(self.state_path):
             saved = read_json(self.state_path)  # written by an older version
         self.state = {"epochs_done": int(saved.get("epochs_done", 0)),
@@ -305,7 +321,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             atomic_save_weights(self.model, self.best, epochs_done=epoch + 1, best=self.state["best"])
         self.state["epochs_done"] = epoch + 1
         atomic_save_weights(self.model, self.latest, epochs_done=epoch + 1,
-                            best=self.state["best"] if self.state["best"] is not None else "")
+                            best=self.state["best"] if self.state["best"] is not None else "",
+                            **seed_states(self.model))
         self._append_csv(epoch + 1, logs)  # cut back to epochs_done on resume if this is lost
         write_json(self.state_path, self.state)  # for people and tools; resume reads the weights
 

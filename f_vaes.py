@@ -461,11 +461,9 @@ def train(config, run_dir):
         print(f"{run_dir} has already trained {initial_epoch} of --epochs {config.epochs}",
               file=sys.stderr)
         return model
-    # A resumed run draws new batches and new noise u, not those of its first epochs again
-    # (the noise generator's state is not part of the weights file).
+    # A resumed run draws new batches, not those of its first epochs again (the noise u
+    # continues from the generator state RunCheckpoint saved).
     keras.utils.set_random_seed(config.seed + initial_epoch)
-    model.seed_generator.state.assign(
-        ops.cast([config.seed, model.optimizer.iterations.numpy()], model.seed_generator.state.dtype))
     dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels)
     model.fit(dataset, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
               initial_epoch=initial_epoch, shuffle=False,

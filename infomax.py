@@ -20,7 +20,6 @@ import argparse
 import glob
 import os
 import pickle
-import sys
 import tarfile
 import time
 
@@ -714,10 +713,7 @@ def train(args):
           f"{count(feature_extractor(model.encoder).trainable_weights):,}), "
           f"{count(model.non_trainable_weights):,} batch-norm statistics")
     checkpoint = RunCheckpoint(args.out)
-    initial_epoch = checkpoint.restore(model)
-    if initial_epoch:  # the seed generator's state is not in the weights file: draw new noise
-        state = model.seed_generator.state  # and permutations, not those of epoch 1 again
-        state.assign(ops.cast([args.seed + initial_epoch, 0], state.dtype))
+    initial_epoch = checkpoint.restore(model)  # also continues the noise/permutation stream
     steps = args.steps_per_epoch or len(train_split[0]) // args.batch_size
     callbacks = [checkpoint, keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs:
                  atomic_save_weights(model.encoder, os.path.join(args.out, "encoder.weights.h5")))]

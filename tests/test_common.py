@@ -196,3 +196,30 @@ def test_unshuffled_dataset_keeps_the_file_order(tmp_path):
         paths.append(p)
     ds = common.image_dataset(paths, 4, 40, lambda x: x, shuffle=False, repeat=False)
     np.testing.assert_allclose(next(iter(ds)).numpy()[:, 0, 0, 0], np.arange(40), atol=1e-4)
+
+
+def test_resume_continues_the_models_random_stream():
+    """SeedGenerator states are not in save_weights; RunCheckpoint keeps them, so a resumed
+    run draws the noise an uninterrupted run would have drawn next, not epoch 1's again."""
+    import tempfile
+
+    class Noisy(keras.Sequential):
+        def __init__(self):
+            super().__init__([keras.Input((3,)), keras.layers.Dense(1)])
+            self.noise = keras.random.SeedGenerator(7)
+
+    run = tempfile.mkdtemp()
+    model = Noisy()
+    model.compile("adam", "mse")
+    model.optimizer.build(model.trainable_variables)
+    keras.random.normal((2,), seed=model.noise)
+    cb = common.RunCheckpoint(run)
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"loss": 1.0})
+    expected_next = keras.random.normal((2,), seed=model.noise).numpy()
+
+    resumed = Noisy()
+    resumed.compile("adam", "mse")
+    resumed.optimizer.build(resumed.trainable_variables)
+    assert common.RunCheckpoint(run).restore(resumed) == 1
+    np.testing.assert_array_equal(keras.random.normal((2,), seed=resumed.noise).numpy(), expected_next)
