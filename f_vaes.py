@@ -69,6 +69,7 @@ class Config:
     seed: int = -1               # layer construction and noise (-1: drawn once, saved)
     data_dir: str = ""
     jit_compile: bool = False    # XLA for the training step (the CLI turns it on with a GPU)
+    sync_bn: bool = False        # batch-norm statistics over the global batch (several replicas)
 
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout")
 
@@ -117,36 +118,37 @@ def split_files(files, holdout):
 # =========================================================================== encoder / decoder
 
 class ResidualStep(keras.layers.Layer):
-    """x + Conv1x1_zeroinit(ReLU(BatchNorm(Conv3x3(x)))), keeping the channel count."""
+    """x + Conv1x1_zeroinit(ReLU(BatchNorm(Conv3x3(x)))), keeping the channel count.
+    `sync_bn`: batch statistics over all replicas' images (the same variables either way)."""
 
-    def __init__(self, channels, **kwargs):
+    def __init__(self, channels, sync_bn=False, **kwargs):
         super().__init__(**kwargs)
         self.conv3 = keras.layers.Conv2D(channels, 3, padding="same")
-        self.norm = keras.layers.BatchNormalization()
+        self.norm = keras.layers.BatchNormalization(synchronized=sync_bn)
         self.conv1 = keras.layers.Conv2D(channels, 1, padding="same", kernel_initializer="zeros")
 
     def call(self, x, training=False):
         return x + self.conv1(ops.relu(self.norm(self.conv3(x), training=training)))
 
 
-def build_encoder(img_size, res_steps):
+def build_encoder(img_size, res_steps, sync_bn=False):
     """E: S x S x 3 -> S/8 x S/8 x 192; three blocks of Squeeze + residual steps (12, 48, 192)."""
     image = keras.Input((img_size, img_size, 3))
     x = image
     for block, channels in enumerate((12, 48, 192)):
         x, _ = Squeeze(2, name=f"squeeze_{block}")(x)
         for step in range(res_steps):
-            x = ResidualStep(channels, name=f"block{block}_res{step}")(x)
+            x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
     return keras.Model(image, x, name="encoder")
 
 
-def build_decoder(img_size, res_steps):
+def build_decoder(img_size, res_steps, sync_bn=False):
     """G: the mirror of E (residual steps at 192, 48, 12, each block ending in UnSqueeze), tanh."""
     v = keras.Input(latent_shape(img_size))
     x = v
     for block, channels in enumerate((192, 48, 12)):
         for step in range(res_steps):
-            x = ResidualStep(channels, name=f"block{block}_res{step}")(x)
+            x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
         x, _ = UnSqueeze(2, name=f"unsqueeze_{block}")(x)
     return keras.Model(v, ops.tanh(x), name="decoder")
 
@@ -310,11 +312,11 @@ class FVAE(keras.Model):
     LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
 
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
-                 **kwargs):
+                 sync_bn=False, **kwargs):
         super().__init__(**kwargs)
         self.img_size = img_size
-        self.encoder = build_encoder(img_size, res_steps)
-        self.decoder = build_decoder(img_size, res_steps)
+        self.encoder = build_encoder(img_size, res_steps, sync_bn)
+        self.decoder = build_decoder(img_size, res_steps, sync_bn)
         self.flow = MultiScaleFlow(latent_shape(img_size), level, depth, coupling_width, seed,
                                    name="flow")
         self.log_precision = self.add_weight(shape=(), initializer="zeros", name="log_precision")
@@ -328,10 +330,12 @@ class FVAE(keras.Model):
         return list(self.trackers.values())
 
     def loss_parts(self, x, training=False, noise=None):
-        """The loss terms per example; `noise` (u) is drawn unless given (tests fix it)."""
+        """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On
+        several replicas each draws its own rows of the global batch's noise."""
         h = self.encoder(x, training=training)
         if noise is None:
-            noise = keras.random.normal(ops.shape(h), seed=self.seed_generator)
+            noise = common.replica_draw(
+                lambda shape: keras.random.normal(shape, seed=self.seed_generator), ops.shape(h))
         v = ops.exp(self.log_noise_scale) * noise + h
         reconstruction = self.decoder(v, training=training)
         flow_latent, flow_logdet = self.flow(v)
@@ -344,12 +348,12 @@ class FVAE(keras.Model):
     def _track(self, parts):
         for name, tracker in self.trackers.items():
             tracker.update_state(parts[name])
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+        return common.step_logs({name: tracker.result() for name, tracker in self.trackers.items()})
 
     def train_step(self, x):
         with tf.GradientTape() as tape:
             parts = self.loss_parts(x, training=True)
-            loss = ops.mean(parts["loss"])
+            loss = common.replica_share(ops.mean(parts["loss"]))  # the mean over the global batch
         gradients = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(gradients, self.trainable_variables)
         return self._track(parts)
@@ -375,7 +379,7 @@ class FVAE(keras.Model):
 def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
-                 config.coupling_width, config.seed, name="fvae")
+                 config.coupling_width, config.seed, config.sync_bn, name="fvae")
     model.compile(optimizer=keras.optimizers.Adam(config.lr), jit_compile=config.jit_compile)
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
@@ -445,7 +449,10 @@ def sample_images(model, n, temperature, seed=0, batch=32):
                            for i in range(0, n, batch)])
 
 
-def train(config, run_dir):
+def train(config, run_dir, strategy=None):
+    """Train (or resume) in `run_dir`, on the devices of `strategy` (default: one device)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    common.check_global_batch(config.batch_size, strategy)
     files = common.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
     train_files, _ = common.find_readable_images(train_files, config.img_size)
@@ -454,21 +461,25 @@ def train(config, run_dir):
     print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
           f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config, verbose=True)
+    with strategy.scope():  # variables, optimiser slots and metrics on every replica
+        model = build_model(config, verbose=True)
     checkpoint = common.RunCheckpoint(run_dir, monitor="loss")
     initial_epoch = checkpoint.restore(model)
+    common.check_workers_agree(strategy, initial_epoch, "the epoch to resume from")
     if initial_epoch >= config.epochs:
         print(f"{run_dir} has already trained {initial_epoch} of --epochs {config.epochs}",
               file=sys.stderr)
         return model
     # A resumed run draws new batches, not those of its first epochs again (the noise u
-    # continues from the generator state RunCheckpoint saved).
+    # continues from the generator state RunCheckpoint saved). The shuffle is seeded so that
+    # every worker of a cluster cuts its part from the same global batches.
     keras.utils.set_random_seed(config.seed + initial_epoch)
-    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels)
+    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels,
+                                   seed=config.seed + initial_epoch)
     model.fit(dataset, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
               initial_epoch=initial_epoch, shuffle=False,
-              callbacks=[checkpoint, SampleGrids(run_dir, seed=config.seed),
-                         keras.callbacks.TerminateOnNaN()])
+              callbacks=[common.AverageReplicaStatistics(), checkpoint,
+                         SampleGrids(run_dir, seed=config.seed), keras.callbacks.TerminateOnNaN()])
     return model
 
 
@@ -625,7 +636,15 @@ def parse_args(argv=None):
                    help="seed of permutations, initial weights and noise (-1: draw one)")
     p.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the training step with XLA (default: only when a GPU is "
-                        "visible; on CPU it compiles 50%% longer and steps no faster)")
+                        "visible; on CPU it compiles 50%% longer and steps no faster; never "
+                        "with --distribute)")
+    p.add_argument("--distribute", choices=common.DISTRIBUTE, default="none",
+                   help="train on one device, on all local GPUs (mirrored) or on the machines "
+                        "of TF_CONFIG (multiworker); --batch-size stays the global batch")
+    p.add_argument("--devices", type=common.device_list, default=None,
+                   help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="batch-norm statistics over the global batch, not each replica's part")
     p.add_argument("--weights", choices=("best", "latest"), default="best",
                    help="which checkpoint the commands on a run load")
     p.add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
@@ -648,7 +667,8 @@ def train_config(args):
     config = Config(img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
                     epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, depth=args.depth,
                     level=args.level, res_steps=args.res_steps,
-                    coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed)
+                    coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed,
+                    sync_bn=args.sync_bn)
     check_config(config)
     if not args.out:
         raise UsageError("--out is required: the run folder to write (or resume)")
@@ -671,12 +691,15 @@ def main(argv=None):
     try:
         if args.command == "train":
             config = train_config(args)
-            common.ensure_writable_dir(args.out)
-            config.jit_compile = (bool(tf.config.list_physical_devices("GPU"))
-                                  if args.jit_compile is None else args.jit_compile)
-            common.check_run_config(args.out, dataclasses.asdict(config),
+            strategy = common.make_strategy(args.distribute, args.devices)  # before other TF ops
+            run_dir = common.writable_run_dir(args.out, strategy)  # --out on the chief only
+            common.ensure_writable_dir(run_dir, "--out" if run_dir == args.out else "TMPDIR")
+            config.jit_compile = common.xla_allowed(
+                bool(tf.config.list_physical_devices("GPU")) if args.jit_compile is None
+                else args.jit_compile, args.distribute, "--jit-compile")
+            common.check_run_config(run_dir, dataclasses.asdict(config),
                                     must_match=Config.MODEL_KEYS)
-            train(config, args.out)
+            train(config, run_dir, strategy)
             return 0
         config, model = load_run(args)
         args.seed = max(args.seed, 0)  # pictures and evaluation: seed 0 unless given
