@@ -30,8 +30,9 @@ import tensorflow as tf
 import keras
 from keras import layers, ops
 
+import common
 from common import (UsageError, atomic_save_weights, check_run_config, ensure_writable_dir, fail,
-                    find_readable_images, image_dataset, read_json, save_grid,
+                    find_readable_images, image_dataset, read_json, replica_draw, save_grid,
                     scan_image_folder, write_json, RunCheckpoint)
 
 # --------------------------------------------------------------------------- configuration
@@ -79,7 +80,14 @@ def parse_args(argv=None):
     p.add_argument("--prior-weight", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the training step with XLA")
+                   help="compile the training step with XLA (never with --distribute)")
+    p.add_argument("--distribute", choices=common.DISTRIBUTE, default="none",
+                   help="train on one device, on all local GPUs (mirrored) or on the machines "
+                        "of TF_CONFIG (multiworker); --batch-size stays the global batch")
+    p.add_argument("--devices", type=common.device_list, default=None,
+                   help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="batch-norm statistics over the global batch, not each replica's part")
     p.add_argument("--monitor-knn", type=int, default=5000, metavar="N",
                    help="after every epoch, log the k-NN accuracy of mu with N training images as "
                         "the memory bank and N/5 test queries (0: off)")
@@ -290,7 +298,7 @@ def training_stream(images, batch_size, pixel_range, seed):
     ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True)  # a fixed batch size for the compiled step
     ds = ds.map(lambda x: to_model_pixels(x, pixel_range), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return common.shard_by_data(ds.prefetch(tf.data.AUTOTUNE))  # the global batch (several devices)
 
 
 # --------------------------------------------------------------------------- encoder
@@ -302,21 +310,22 @@ def stage_channels(img_size):
     return [LOCAL_CHANNELS // 2 ** (stages - 1 - i) for i in range(stages)]
 
 
-def conv_bn_lrelu(x, channels):
+def conv_bn_lrelu(x, channels, sync_bn=False):
     x = layers.Conv2D(channels, 3, padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(synchronized=sync_bn)(x)  # the same variables either way
     return layers.LeakyReLU(negative_slope=0.2)(x)
 
 
-def build_encoder(img_size, z_dim):
-    """x -> (mu, logvar, local feature map C of 4x4x256). The feature extractor is x -> mu."""
+def build_encoder(img_size, z_dim, sync_bn=False):
+    """x -> (mu, logvar, local feature map C of 4x4x256). The feature extractor is x -> mu.
+    `sync_bn`: batch statistics over all replicas' images."""
     images = keras.Input((img_size, img_size, 3), name="images")
     x = images
     for channels in stage_channels(img_size):
-        x = layers.MaxPooling2D(2)(conv_bn_lrelu(x, channels))
+        x = layers.MaxPooling2D(2)(conv_bn_lrelu(x, channels, sync_bn))
     local_map = x
     for _ in range(2):
-        x = conv_bn_lrelu(x, LOCAL_CHANNELS)
+        x = conv_bn_lrelu(x, LOCAL_CHANNELS, sync_bn)
     x = layers.GlobalMaxPooling2D()(x)
     mu = layers.Dense(z_dim, name="mu")(x)
     logvar = layers.Dense(z_dim, name="logvar")(x)
@@ -376,9 +385,20 @@ def infomax_loss(global_discriminator, local_discriminator, z, mu, logvar, local
 
 # --------------------------------------------------------------------------- training model
 
-def random_permutation(n, seed_generator):
-    """A fresh permutation of range(n): argsort of uniform noise (XLA-friendly)."""
-    return ops.argsort(keras.random.uniform((n,), seed=seed_generator))
+def random_permutation(n, seed_generator, groups=1):
+    """A fresh permutation of range(n): argsort of uniform noise (XLA-friendly), within each of
+    `groups` equal blocks of consecutive images (so an image is only paired inside its block).
+
+    On several replicas, n is the replica's part of the batch and its keys are its rows of the
+    keys one device draws for the global batch (`common.replica_draw`): negatives come from the
+    replica's own part, and one device with `groups` = the number of replicas draws exactly the
+    same pairs.
+    """
+    keys = replica_draw(lambda shape: keras.random.uniform(shape, seed=seed_generator), (n,))
+    block_order = ops.argsort(ops.reshape(keys, (groups, -1)), axis=-1)
+    block_size = ops.cast(n // groups, block_order.dtype)
+    block_start = ops.arange(groups, dtype=block_order.dtype)[:, None] * block_size
+    return ops.reshape(block_order + block_start, (-1,))
 
 
 class InfoMax(keras.Model):
@@ -387,13 +407,15 @@ class InfoMax(keras.Model):
     METRICS = ("loss", "global", "local", "prior",
                "global_acc_pos", "global_acc_neg", "local_acc_pos", "local_acc_neg")
 
-    def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None, **kwargs):
+    def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None,
+                 sync_bn=False, negative_groups=1, **kwargs):
         super().__init__(**kwargs)
-        self.encoder = build_encoder(img_size, z_dim)
+        self.encoder = build_encoder(img_size, z_dim, sync_bn)
         self.global_discriminator = build_discriminator((2 * z_dim,), "global_discriminator")
         self.local_discriminator = build_discriminator(
             (LOCAL_MAP_SIZE, LOCAL_MAP_SIZE, z_dim + LOCAL_CHANNELS), "local_discriminator")
         self.loss_weights_ = tuple(loss_weights)
+        self.negative_groups = negative_groups  # negatives within blocks of each replica's part
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.trackers = [keras.metrics.Mean(name=name) for name in self.METRICS]
 
@@ -405,32 +427,37 @@ class InfoMax(keras.Model):
         return self.encoder(images, training=training)[0]
 
     def infomax_terms(self, images, training=False, global_perm=None, local_perm=None):
-        """Sample z from the posterior, draw the two negative permutations, score the loss."""
+        """Sample z from the posterior, draw the two negative permutations, score the loss.
+        On several replicas each scores its own part of the batch (with its rows of the global
+        batch's noise), drawing negatives from that part."""
         mu, logvar, local_map = self.encoder(images, training=training)
-        noise = keras.random.normal(ops.shape(mu), seed=self.seed_generator)
+        noise = replica_draw(lambda shape: keras.random.normal(shape, seed=self.seed_generator),
+                             ops.shape(mu))
         z = mu + ops.exp(logvar / 2) * noise
         batch = ops.shape(images)[0]
         if global_perm is None:
-            global_perm = random_permutation(batch, self.seed_generator)
+            global_perm = random_permutation(batch, self.seed_generator, self.negative_groups)
         if local_perm is None:
-            local_perm = random_permutation(batch, self.seed_generator)
+            local_perm = random_permutation(batch, self.seed_generator, self.negative_groups)
         return infomax_loss(self.global_discriminator, self.local_discriminator, z, mu, logvar,
                             local_map, global_perm, local_perm, self.loss_weights_)
 
     def train_step(self, images):
         with tf.GradientTape() as tape:
             terms = self.infomax_terms(images, training=True)
-        grads = tape.gradient(terms["loss"], self.trainable_variables)
+            loss = common.replica_share(terms["loss"])  # the mean over the global batch
+        grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         for tracker in self.trackers:
             tracker.update_state(terms[tracker.name])
-        return {tracker.name: tracker.result() for tracker in self.trackers}
+        return common.step_logs({tracker.name: tracker.result() for tracker in self.trackers})
 
 
 def build_model(args):
     keras.utils.set_random_seed(args.seed)  # the same seed gives the same initial weights
     model = InfoMax(args.img_size, args.z_dim,
-                    (args.global_weight, args.local_weight, args.prior_weight), seed=args.seed)
+                    (args.global_weight, args.local_weight, args.prior_weight), seed=args.seed,
+                    sync_bn=args.sync_bn)
     model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=args.jit)
     model.build((None, args.img_size, args.img_size, 3))
     model.optimizer.build(model.trainable_variables)  # so that a resume can load its state
@@ -694,31 +721,38 @@ def search(args):
 def run_config(args):
     return {k: getattr(args, k) for k in (
         "dataset", "data_dir", "img_size", "z_dim", "batch_size", "epochs", "steps_per_epoch",
-        "lr", "global_weight", "local_weight", "prior_weight", "seed", "jit")} | {
+        "lr", "global_weight", "local_weight", "prior_weight", "seed", "jit", "sync_bn")} | {
         "pixel_range": list(args.pixel_range)}
 
 
 def train(args):
-    ensure_writable_dir(args.out)
+    strategy = common.make_strategy(args.distribute, args.devices)  # before any other TF op
+    args.jit = common.xla_allowed(args.jit, args.distribute, "--jit")
+    run_dir = common.writable_run_dir(args.out, strategy)  # --out on the chief only
+    ensure_writable_dir(run_dir, "--out" if run_dir == args.out else "TMPDIR")
+    common.check_global_batch(args.batch_size, strategy, per_replica_minimum=2)  # 2: a negative
     train_split, test_split = load_data(args)
     if len(train_split[0]) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size}: larger than the "
                          f"{len(train_split[0])} training images")
-    check_run_config(args.out, run_config(args), must_match=("dataset", "img_size", "z_dim"))
+    check_run_config(run_dir, run_config(args), must_match=("dataset", "img_size", "z_dim"))
     print(f"{args.dataset}: {len(train_split[0])} training and {len(test_split[0])} test images "
           f"of {args.img_size}x{args.img_size}")
 
-    model = build_model(args)
+    with strategy.scope():  # variables, optimiser slots and metrics on every replica
+        model = build_model(args)
     print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor x -> mu "
           f"{count(feature_extractor(model.encoder).trainable_weights):,}), "
           f"{count(model.non_trainable_weights):,} batch-norm statistics")
-    checkpoint = RunCheckpoint(args.out)
+    checkpoint = RunCheckpoint(run_dir)
     initial_epoch = checkpoint.restore(model)  # also continues the noise/permutation stream
+    common.check_workers_agree(strategy, initial_epoch, "the epoch to resume from")
     steps = args.steps_per_epoch or len(train_split[0]) // args.batch_size
-    callbacks = [checkpoint, keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs:
-                 atomic_save_weights(model.encoder, os.path.join(args.out, "encoder.weights.h5")))]
+    callbacks = [common.AverageReplicaStatistics(), checkpoint, keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: atomic_save_weights(
+            model.encoder, os.path.join(run_dir, "encoder.weights.h5")))]
     if args.monitor_knn and (train_split[1] >= 0).all() and len(test_split[0]):
-        callbacks.insert(0, KnnMonitor(train_split, test_split, args.pixel_range,
+        callbacks.insert(1, KnnMonitor(train_split, test_split, args.pixel_range,
                                        args.monitor_knn, args.seed))
     if initial_epoch < args.epochs:
         stream = training_stream(train_split[0], args.batch_size, args.pixel_range,
@@ -727,7 +761,12 @@ def train(args):
                   callbacks=callbacks, shuffle=False)  # the stream reshuffles itself
     else:
         print(f"{args.out} already has {initial_epoch} epochs (--epochs {args.epochs})")
-    evaluate_run(args.out, model.encoder, train_split, test_split, args)
+    if common.is_chief(strategy):
+        evaluate_run(run_dir, model.encoder, train_split, test_split, args)
+    else:
+        print("the chief evaluates the encoder and writes the pictures")
+    common.wait_for_all_workers(strategy)
+    return model
 
 
 def evaluate(args):
