@@ -85,8 +85,9 @@ def test_replicas_draw_different_noise_that_together_is_the_one_device_draw(mirr
 
 @pytest.mark.slow
 def test_one_mirrored_step_in_float32(tmp_path):
-    """In float32 the logged numbers still agree to 1e-5; the weights only to within one Adam
-    step, because Adam's first step amplifies rounding noise where a gradient is ~0."""
+    """In float32 the logged numbers still agree to 1e-5; the weights only to within the size
+    of Adam's first step either way (lr), because that step is lr * g / (|g| + 1e-7), and a
+    gradient that is 0 but for rounding (a conv bias before batch norm) points anywhere."""
     run_child(["tests/mirrored_step.py", str(tmp_path / "step.npz"), "float32"], 400,
               tmp_path / "log.txt")
     results = np.load(tmp_path / "step.npz")
@@ -96,7 +97,8 @@ def test_one_mirrored_step_in_float32(tmp_path):
             if name.startswith("log_"):
                 np.testing.assert_allclose(two[name], one[name], rtol=1e-5, err_msg=name)
             elif name.startswith("weight_"):
-                np.testing.assert_allclose(two[name], one[name], rtol=0, atol=lr, err_msg=name)
+                np.testing.assert_allclose(two[name], one[name], rtol=0, atol=2 * lr,
+                                           err_msg=name)
 
 
 # --------------------------------------------------------------------------- the pieces
