@@ -423,9 +423,9 @@ class RunCheckpoint(keras.callbacks.Callback):
       in one HDF5 file, after every epoch and when Ctrl-C/SIGTERM stops a run;
       `previous.weights.h5`: the save before it, to fall back on if the latest is damaged;
     - `best.weights.h5`: the same at the end of the epoch with the lowest `monitor` so far;
-    - `log.csv`, one line per finished epoch (a copy of the epoch's line travels in the
-      weights file, so that a kill between the two loses no line); `state.json`, where the run is, for people and
-      tools; `events.log`, resumes, fallbacks, rollbacks and interruptions, with times.
+    - `log.csv`, one line per finished epoch (a copy of the line travels in the weights
+      file, so that a kill between the two loses no line); `state.json`, where the run is,
+      for people and tools; `events.log`: resumes, fallbacks, rollbacks, interruptions.
     Every file is written to a temporary name and renamed, temporaries left by a killed save
     are removed on resume, and the CSV is cut back to the saved epoch, so an interrupted run
     never has a half-written checkpoint, weights that disagree with their position, or
@@ -769,18 +769,22 @@ class NonFiniteRollback(keras.callbacks.Callback):
             raise TrainingStopped(message)
         learning_rate = self.model.optimizer.learning_rate
         before = float(learning_rate.numpy())
-        source = next((p for p in (self.checkpoint.best, self.checkpoint.latest)
-                       if os.path.exists(p)), None)
-        if source:
-            self.model.load_weights(source)  # weights, batch-norm statistics, Adam moments
+        source = None
+        for path in (self.checkpoint.best, self.checkpoint.latest):
+            try:
+                self.model.load_weights(path)  # weights, batch-norm statistics, Adam moments
+                source = path
+                break
+            except Exception:  # noqa: BLE001 - missing or unreadable: try the next one
+                continue
         learning_rate.assign(before / self.factor)
         self.rollbacks += 1
         self._best_at_rollback = self.checkpoint.best_value
         self.checkpoint.log_event(
             f"{self.streak} non-finite steps in a row (epoch {self.checkpoint.epochs_done + 1}, "
             f"step {self.checkpoint.steps_done}): "
-            + (f"rolled back to {source}" if source else "no save yet, kept the weights (no "
-               "step was applied since the first non-finite one)")
+            + (f"rolled back to {source}" if source else "no readable save yet, kept the weights "
+               "(no step was applied since the first non-finite one)")
             + f", learning rate {before:.3g} -> {before / self.factor:.3g}")
         self.streak = 0
 

@@ -713,6 +713,8 @@ def main(argv=None):
         common.fail(str(e))
     except common.TrainingStopped as e:
         common.stop(e)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing new saved
+        common.stop(common.Interrupted("nothing saved since the last save"))
 
 
 if __name__ == "__main__":
