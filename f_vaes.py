@@ -74,6 +74,7 @@ class Config:
     seed: int = -1               # layer construction and noise (-1: drawn once, saved)
     data_dir: str = ""
     jit_compile: bool = False    # XLA for the training step (the CLI turns it on with a GPU)
+    nan_patience: int = 20       # non-finite steps in a row before a rollback (0: skip only)
 
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout")
 
@@ -83,8 +84,9 @@ def check_config(c):
     for name in ("batch_size", "epochs", "steps_per_epoch", "depth", "level", "coupling_width"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
-    if c.res_steps < 0:
-        raise UsageError(f"--res-steps {c.res_steps}: must be 0 or more")
+    for name in ("res_steps", "nan_patience"):
+        if getattr(c, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
     if not (c.lr > 0 and math.isfinite(c.lr)):
         raise UsageError(f"--lr {c.lr}: must be a positive number")
     multiple = 8 * 2 ** (c.level - 1)  # three encoder squeezes, then one per factor-out
@@ -328,11 +330,12 @@ class FVAE(keras.Model):
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.LOG_NAMES}
+        self.trackers = {name: common.AppliedMean(name=name) for name in self.LOG_NAMES}
+        self.skipped = common.SkippedSteps()
 
     @property
     def metrics(self):
-        return list(self.trackers.values())
+        return [*self.trackers.values(), self.skipped]
 
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it)."""
@@ -348,18 +351,23 @@ class FVAE(keras.Model):
     def call(self, x, training=False):
         return self.loss_parts(x, training=training)
 
-    def _track(self, parts):
+    def _track(self, parts, applied=True):
         for name, tracker in self.trackers.items():
-            tracker.update_state(parts[name])
-        return {name: tracker.result() for name, tracker in self.trackers.items()}
+            tracker.update_state(parts[name], applied)
+        return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, x):
+        """One Adam step on the mean loss, applied only if the loss and gradients are finite
+        (else the step, batch-norm statistics included, is undone and counted as skipped)."""
+        statistics = common.snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             parts = self.loss_parts(x, training=True)
             loss = ops.mean(parts["loss"])
         gradients = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        return self._track(parts)
+        applied = common.apply_if_finite(self.optimizer, loss, gradients,
+                                         self.trainable_variables, restore=statistics)
+        self.skipped.update_state(applied)
+        return self._track(parts, applied)
 
     def test_step(self, x):
         return self._track(self.loss_parts(x, training=False))
@@ -452,7 +460,9 @@ def sample_images(model, n, temperature, seed=0, batch=32):
                            for i in range(0, n, batch)])
 
 
-def train(config, run_dir):
+def train(config, run_dir, lr_before=None):
+    """Train (or resume) the run in `run_dir`. `lr_before`: the --lr of the previous command
+    on this run, to tell a changed --lr from a rate a rollback lowered."""
     files = common.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
     train_files, _ = common.find_readable_images(train_files, config.img_size)
@@ -462,20 +472,26 @@ def train(config, run_dir):
           f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
     keras.utils.set_random_seed(config.seed)
     model = build_model(config, verbose=True)
-    checkpoint = common.RunCheckpoint(run_dir, monitor="loss")
-    initial_epoch = checkpoint.restore(model)
-    if initial_epoch >= config.epochs:
-        print(f"{run_dir} has already trained {initial_epoch} of --epochs {config.epochs}",
-              file=sys.stderr)
+    checkpoint = common.RunCheckpoint(
+        run_dir, monitor="loss", batch_size=config.batch_size,
+        steps_per_epoch=config.steps_per_epoch,
+        model_config={k: getattr(config, k) for k in Config.MODEL_KEYS})
+    checkpoint.restore(model)  # weights, Adam state, noise stream, position in the data
+    if checkpoint.resumed_from:
+        common.resume_learning_rate(model, checkpoint, config.lr, lr_before)
+    if checkpoint.epochs_done >= config.epochs:
+        print(f"{run_dir} has already trained {checkpoint.epochs_done} of --epochs "
+              f"{config.epochs}", file=sys.stderr)
         return model
-    # A resumed run draws new batches, not those of its first epochs again (the noise u
-    # continues from the generator state RunCheckpoint saved).
-    keras.utils.set_random_seed(config.seed + initial_epoch)
-    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels)
-    model.fit(dataset, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
-              initial_epoch=initial_epoch, shuffle=False,
-              callbacks=[checkpoint, SampleGrids(run_dir, seed=config.seed),
-                         keras.callbacks.TerminateOnNaN()])
+
+    def stream(images_seen):  # the data stream is a function of its position: resumes exactly
+        return common.image_stream(train_files, config.img_size, config.batch_size,
+                                   scale_pixels, config.seed, start=images_seen)
+
+    callbacks = [checkpoint, common.NonFiniteRollback(checkpoint, config.nan_patience),
+                 SampleGrids(run_dir, seed=config.seed)]
+    common.fit_resumable(model, stream, checkpoint, config.epochs, config.steps_per_epoch,
+                         callbacks)
     return model
 
 
@@ -605,8 +621,8 @@ def temperature_list(text):
 
 def parse_args(argv=None):
     d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", nargs="?", default="train", choices=COMMANDS,
                    help="train (default; resumes an existing --out) or a command on a trained run")
     p.add_argument("--out", default=None, help="run folder (config, weights, log.csv, pictures)")
@@ -633,6 +649,12 @@ def parse_args(argv=None):
     p.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the training step with XLA (default: only when a GPU is "
                         "visible; on CPU it compiles 50%% longer and steps no faster)")
+    p.add_argument("--nan-patience", type=int, default=d.nan_patience,
+                   help="non-finite (skipped) steps in a row before rolling back to the best "
+                        "weights and dividing the learning rate by 10 (0: only skip them)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow op determinism: the same seed and flags give the same "
+                        "weights, also across an interruption and resume (slower on a GPU)")
     p.add_argument("--weights", choices=("best", "latest"), default="best",
                    help="which checkpoint the commands on a run load")
     p.add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
@@ -655,7 +677,8 @@ def train_config(args):
     config = Config(img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
                     epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, depth=args.depth,
                     level=args.level, res_steps=args.res_steps,
-                    coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed)
+                    coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed,
+                    nan_patience=args.nan_patience)
     check_config(config)
     if not args.out:
         raise UsageError("--out is required: the run folder to write (or resume)")
@@ -675,15 +698,17 @@ def train_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     try:
         if args.command == "train":
             config = train_config(args)
             common.ensure_writable_dir(args.out)
             config.jit_compile = (bool(tf.config.list_physical_devices("GPU"))
                                   if args.jit_compile is None else args.jit_compile)
-            common.check_run_config(args.out, dataclasses.asdict(config),
-                                    must_match=Config.MODEL_KEYS)
-            train(config, args.out)
+            before = common.check_run_config(args.out, dataclasses.asdict(config),
+                                             must_match=Config.MODEL_KEYS)
+            train(config, args.out, lr_before=before.get("lr"))
             return 0
         config, model = load_run(args)
         args.seed = max(args.seed, 0)  # pictures and evaluation: seed 0 unless given
@@ -693,6 +718,10 @@ def main(argv=None):
         return 0
     except UsageError as e:
         common.fail(str(e))
+    except common.TrainingStopped as e:
+        common.stop(e)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing new saved
+        common.stop(common.Interrupted("nothing saved since the last save"))
 
 
 if __name__ == "__main__":
