@@ -34,6 +34,11 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
+# on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
+# 1.3-1.5x faster than the default Eigen kernels (bench/README.md). Read once, at import of
+# TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import numpy as np
 import tensorflow as tf
@@ -42,7 +47,7 @@ from keras import ops
 
 import common
 from common import UsageError
-from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
+from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape, SameConv2D,
                     SplitChannels, Squeeze, UnSqueeze)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,6 +74,7 @@ class Config:
     seed: int = -1               # layer construction and noise (-1: drawn once, saved)
     data_dir: str = ""
     jit_compile: bool = False    # XLA for the training step (the CLI turns it on with a GPU)
+    nan_patience: int = 20       # non-finite steps in a row before a rollback (0: skip only)
     sync_bn: bool = False        # batch-norm statistics over the global batch (several replicas)
 
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout")
@@ -79,8 +85,9 @@ def check_config(c):
     for name in ("batch_size", "epochs", "steps_per_epoch", "depth", "level", "coupling_width"):
         if getattr(c, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
-    if c.res_steps < 0:
-        raise UsageError(f"--res-steps {c.res_steps}: must be 0 or more")
+    for name in ("res_steps", "nan_patience"):
+        if getattr(c, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
     if not (c.lr > 0 and math.isfinite(c.lr)):
         raise UsageError(f"--lr {c.lr}: must be a positive number")
     multiple = 8 * 2 ** (c.level - 1)  # three encoder squeezes, then one per factor-out
@@ -157,11 +164,13 @@ def build_decoder(img_size, res_steps, sync_bn=False):
 
 def coupling_net(channels_out, width):
     """NN of the additive coupling: Conv3x3(width) -> ReLU -> Conv1x1(width) -> ReLU ->
-    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity."""
+    Conv3x3(C/2) with a zero kernel, so that every coupling starts as the identity.
+    `SameConv2D` is Conv2D(padding="same") computed without the zero padding on the 2x2 and
+    1x1 maps of the last levels (the same weights, the same function)."""
     return keras.Sequential([
-        keras.layers.Conv2D(width, 3, padding="same", activation="relu"),
-        keras.layers.Conv2D(width, 1, padding="same", activation="relu"),
-        keras.layers.Conv2D(channels_out, 3, padding="same", kernel_initializer="zeros"),
+        SameConv2D(width, 3, activation="relu"),
+        SameConv2D(width, 1, activation="relu"),
+        SameConv2D(channels_out, 3, kernel_initializer="zeros"),
     ])
 
 
@@ -323,11 +332,12 @@ class FVAE(keras.Model):
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in self.LOG_NAMES}
+        self.trackers = {name: common.AppliedMean(name=name) for name in self.LOG_NAMES}
+        self.skipped = common.SkippedSteps()
 
     @property
     def metrics(self):
-        return list(self.trackers.values())
+        return [*self.trackers.values(), self.skipped]
 
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On
@@ -345,18 +355,23 @@ class FVAE(keras.Model):
     def call(self, x, training=False):
         return self.loss_parts(x, training=training)
 
-    def _track(self, parts):
+    def _track(self, parts, applied=True):
         for name, tracker in self.trackers.items():
-            tracker.update_state(parts[name])
-        return common.step_logs({name: tracker.result() for name, tracker in self.trackers.items()})
+            tracker.update_state(parts[name], applied)
+        return common.step_logs({metric.name: metric.result() for metric in self.metrics})
 
     def train_step(self, x):
+        """One Adam step on the mean loss, applied only if the loss and gradients are finite
+        (else the step, batch-norm statistics included, is undone and counted as skipped)."""
+        statistics = common.snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             parts = self.loss_parts(x, training=True)
             loss = common.replica_share(ops.mean(parts["loss"]))  # the mean over the global batch
         gradients = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply(gradients, self.trainable_variables)
-        return self._track(parts)
+        applied = common.apply_if_finite(self.optimizer, loss, gradients,
+                                         self.trainable_variables, restore=statistics)
+        self.skipped.update_state(applied)
+        return self._track(parts, applied)
 
     def test_step(self, x):
         return self._track(self.loss_parts(x, training=False))
@@ -380,7 +395,7 @@ def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
                  config.coupling_width, config.seed, config.sync_bn, name="fvae")
-    model.compile(optimizer=keras.optimizers.Adam(config.lr), jit_compile=config.jit_compile)
+    model.compile(optimizer=common.FusedAdam(config.lr), jit_compile=config.jit_compile)
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
     if verbose:
@@ -449,8 +464,10 @@ def sample_images(model, n, temperature, seed=0, batch=32):
                            for i in range(0, n, batch)])
 
 
-def train(config, run_dir, strategy=None):
-    """Train (or resume) in `run_dir`, on the devices of `strategy` (default: one device)."""
+def train(config, run_dir, strategy=None, lr_before=None):
+    """Train (or resume) the run in `run_dir`, on the devices of `strategy` (default: one
+    device). `lr_before`: the --lr of the previous command on this run, to tell a changed --lr
+    from a rate a rollback lowered."""
     strategy = strategy or tf.distribute.get_strategy()
     common.check_global_batch(config.batch_size, strategy)
     files = common.list_image_files(config.data_dir)
@@ -463,23 +480,30 @@ def train(config, run_dir, strategy=None):
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():  # variables, optimiser slots and metrics on every replica
         model = build_model(config, verbose=True)
-    checkpoint = common.RunCheckpoint(run_dir, monitor="loss")
-    initial_epoch = checkpoint.restore(model)
-    common.check_workers_agree(strategy, initial_epoch, "the epoch to resume from")
-    if initial_epoch >= config.epochs:
-        print(f"{run_dir} has already trained {initial_epoch} of --epochs {config.epochs}",
-              file=sys.stderr)
+    checkpoint = common.RunCheckpoint(
+        run_dir, monitor="loss", batch_size=config.batch_size,
+        steps_per_epoch=config.steps_per_epoch,
+        model_config={k: getattr(config, k) for k in Config.MODEL_KEYS})
+    checkpoint.restore(model)  # weights, Adam state, noise stream, position in the data
+    common.check_workers_agree(strategy, (checkpoint.epochs_done, checkpoint.steps_done),
+                               "the position to resume from (epochs, steps)")
+    if checkpoint.resumed_from:
+        common.resume_learning_rate(model, checkpoint, config.lr, lr_before)
+    if checkpoint.epochs_done >= config.epochs:
+        print(f"{run_dir} has already trained {checkpoint.epochs_done} of --epochs "
+              f"{config.epochs}", file=sys.stderr)
         return model
-    # A resumed run draws new batches, not those of its first epochs again (the noise u
-    # continues from the generator state RunCheckpoint saved). The shuffle is seeded so that
-    # every worker of a cluster cuts its part from the same global batches.
-    keras.utils.set_random_seed(config.seed + initial_epoch)
-    dataset = common.image_dataset(train_files, config.img_size, config.batch_size, scale_pixels,
-                                   seed=config.seed + initial_epoch)
-    model.fit(dataset, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
-              initial_epoch=initial_epoch, shuffle=False,
-              callbacks=[common.AverageReplicaStatistics(), checkpoint,
-                         SampleGrids(run_dir, seed=config.seed), keras.callbacks.TerminateOnNaN()])
+
+    def stream(images_seen):  # the data stream is a function of its position: resumes exactly
+        # (and is the same on every worker of a cluster: each keeps its part of every batch)
+        return common.image_stream(train_files, config.img_size, config.batch_size,
+                                   scale_pixels, config.seed, start=images_seen)
+
+    callbacks = [common.AverageReplicaStatistics(), checkpoint,
+                 common.NonFiniteRollback(checkpoint, config.nan_patience),
+                 SampleGrids(run_dir, seed=config.seed)]
+    common.fit_resumable(model, stream, checkpoint, config.epochs, config.steps_per_epoch,
+                         callbacks)
     return model
 
 
@@ -609,8 +633,8 @@ def temperature_list(text):
 
 def parse_args(argv=None):
     d = Config()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", nargs="?", default="train", choices=COMMANDS,
                    help="train (default; resumes an existing --out) or a command on a trained run")
     p.add_argument("--out", default=None, help="run folder (config, weights, log.csv, pictures)")
@@ -645,6 +669,12 @@ def parse_args(argv=None):
                    help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
     p.add_argument("--sync-bn", action="store_true",
                    help="batch-norm statistics over the global batch, not each replica's part")
+    p.add_argument("--nan-patience", type=int, default=d.nan_patience,
+                   help="non-finite (skipped) steps in a row before rolling back to the best "
+                        "weights and dividing the learning rate by 10 (0: only skip them)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow op determinism: the same seed and flags give the same "
+                        "weights, also across an interruption and resume (slower on a GPU)")
     p.add_argument("--weights", choices=("best", "latest"), default="best",
                    help="which checkpoint the commands on a run load")
     p.add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
@@ -668,7 +698,7 @@ def train_config(args):
                     epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, depth=args.depth,
                     level=args.level, res_steps=args.res_steps,
                     coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed,
-                    sync_bn=args.sync_bn)
+                    nan_patience=args.nan_patience, sync_bn=args.sync_bn)
     check_config(config)
     if not args.out:
         raise UsageError("--out is required: the run folder to write (or resume)")
@@ -688,6 +718,8 @@ def train_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     try:
         if args.command == "train":
             config = train_config(args)
@@ -697,9 +729,9 @@ def main(argv=None):
             config.jit_compile = common.xla_allowed(
                 bool(tf.config.list_physical_devices("GPU")) if args.jit_compile is None
                 else args.jit_compile, args.distribute, "--jit-compile")
-            common.check_run_config(run_dir, dataclasses.asdict(config),
-                                    must_match=Config.MODEL_KEYS)
-            train(config, run_dir, strategy)
+            before = common.check_run_config(run_dir, dataclasses.asdict(config),
+                                             must_match=Config.MODEL_KEYS)
+            train(config, run_dir, strategy, lr_before=before.get("lr"))
             return 0
         config, model = load_run(args)
         args.seed = max(args.seed, 0)  # pictures and evaluation: seed 0 unless given
@@ -709,6 +741,10 @@ def main(argv=None):
         return 0
     except UsageError as e:
         common.fail(str(e))
+    except common.TrainingStopped as e:
+        common.stop(e)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing new saved
+        common.stop(common.Interrupted("nothing saved since the last save"))
 
 
 if __name__ == "__main__":

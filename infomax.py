@@ -24,6 +24,11 @@ import tarfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
+# on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
+# 1.3-1.5x faster than the default Eigen kernels (bench/README.md). Read once, at import of
+# TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import numpy as np
 import tensorflow as tf
@@ -31,9 +36,9 @@ import keras
 from keras import layers, ops
 
 import common
-from common import (UsageError, atomic_save_weights, check_run_config, ensure_writable_dir, fail,
-                    find_readable_images, image_dataset, read_json, replica_draw, save_grid,
-                    scan_image_folder, write_json, RunCheckpoint)
+from common import (FusedAdam, UsageError, atomic_save_weights, check_run_config,
+                    ensure_writable_dir, fail, find_readable_images, image_dataset, read_json,
+                    replica_draw, save_grid, scan_image_folder, write_json, RunCheckpoint)
 
 # --------------------------------------------------------------------------- configuration
 
@@ -43,6 +48,7 @@ DATASETS = {
     "tiny-imagenet": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
     "folder": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
 }
+MODEL_KEYS = ("dataset", "img_size", "z_dim")  # a resumed run must keep these
 LOCAL_MAP_SIZE = 4          # the encoder pools down to a 4x4 local feature map ...
 LOCAL_CHANNELS = 256        # ... of 256 channels, whatever the image size
 DISCRIMINATOR_UNITS = 256
@@ -60,7 +66,7 @@ PAPER = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description="Deep InfoMax with a KL prior (SPEC.md section 2): train (default), "
                     "evaluate a saved run, or search a folder by image with a trained encoder.")
     p.add_argument("command", nargs="?", default="train", choices=["train", "evaluate", "search"])
@@ -88,6 +94,12 @@ def parse_args(argv=None):
                    help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
     p.add_argument("--sync-bn", action="store_true",
                    help="batch-norm statistics over the global batch, not each replica's part")
+    p.add_argument("--nan-patience", type=int, default=20,
+                   help="non-finite (skipped) steps in a row before rolling back to the best "
+                        "weights and dividing the learning rate by 10 (0: only skip them)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow op determinism: the same seed and flags give the same "
+                        "weights, also across an interruption and resume")
     p.add_argument("--monitor-knn", type=int, default=5000, metavar="N",
                    help="after every epoch, log the k-NN accuracy of mu with N training images as "
                         "the memory bank and N/5 test queries (0: off)")
@@ -121,6 +133,14 @@ def parse_args(argv=None):
         p.error("--batch-size must be at least 2 (negatives come from shuffling the batch)")
     if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
         p.error(f"--steps-per-epoch must be at least 1, got {args.steps_per_epoch}")
+    for flag, value in [("--probe-epochs", args.probe_epochs), ("--eval-limit", args.eval_limit)]:
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    for flag, value in [("--monitor-knn", args.monitor_knn), ("--nan-patience", args.nan_patience)]:
+        if value < 0:
+            p.error(f"{flag} must be 0 or more, got {value}")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        p.error(f"--lr must be a positive number, got {args.lr}")
     if args.img_size < 2 * LOCAL_MAP_SIZE or args.img_size & (args.img_size - 1):
         p.error(f"--img-size must be a power of two >= {2 * LOCAL_MAP_SIZE}, got {args.img_size}")
     return args
@@ -292,13 +312,17 @@ def load_data(args):
     return load_folder(args.data_dir, args.img_size, args.seed)
 
 
-def training_stream(images, batch_size, pixel_range, seed):
-    """Shuffled (reshuffled every pass), repeated batches of model pixels, prefetched."""
-    ds = tf.data.Dataset.from_tensor_slices(images)
-    ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)  # a fixed batch size for the compiled step
-    ds = ds.map(lambda x: to_model_pixels(x, pixel_range), num_parallel_calls=tf.data.AUTOTUNE)
-    return common.shard_by_data(ds.prefetch(tf.data.AUTOTUNE))  # the global batch (several devices)
+def training_stream(images, batch_size, pixel_range, seed, start=0):
+    """Batches of model pixels, a new permutation of the images every pass, from image number
+    `start` of that stream (`common.stream_order`: a resumed run sees what an uninterrupted
+    one would; every worker of a cluster makes the same global batches and keeps its part),
+    prefetched."""
+    images = tf.constant(images)
+    order = common.stream_order(len(images), seed, start)
+    order = order.batch(batch_size, drop_remainder=True)  # a fixed batch size for the compiled step
+    ds = order.map(lambda i: to_model_pixels(tf.gather(images, i), pixel_range),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+    return common.finish_stream(ds, first_step=int(start) // batch_size)
 
 
 # --------------------------------------------------------------------------- encoder
@@ -417,11 +441,12 @@ class InfoMax(keras.Model):
         self.loss_weights_ = tuple(loss_weights)
         self.negative_groups = negative_groups  # negatives within blocks of each replica's part
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = [keras.metrics.Mean(name=name) for name in self.METRICS]
+        self.trackers = [common.AppliedMean(name=name) for name in self.METRICS]
+        self.skipped = common.SkippedSteps()
 
     @property
     def metrics(self):
-        return self.trackers
+        return [*self.trackers, self.skipped]
 
     def call(self, images, training=False):
         return self.encoder(images, training=training)[0]
@@ -443,14 +468,19 @@ class InfoMax(keras.Model):
                             local_map, global_perm, local_perm, self.loss_weights_)
 
     def train_step(self, images):
+        """One Adam step, applied only if the loss and gradients are finite (else undone,
+        batch-norm statistics included, and counted in `skipped_steps`)."""
+        statistics = common.snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             terms = self.infomax_terms(images, training=True)
             loss = common.replica_share(terms["loss"])  # the mean over the global batch
         grads = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply(grads, self.trainable_variables)
+        applied = common.apply_if_finite(self.optimizer, loss, grads, self.trainable_variables,
+                                         restore=statistics)
         for tracker in self.trackers:
-            tracker.update_state(terms[tracker.name])
-        return common.step_logs({tracker.name: tracker.result() for tracker in self.trackers})
+            tracker.update_state(terms[tracker.name], applied)
+        self.skipped.update_state(applied)
+        return common.step_logs({metric.name: metric.result() for metric in self.metrics})
 
 
 def build_model(args):
@@ -458,7 +488,7 @@ def build_model(args):
     model = InfoMax(args.img_size, args.z_dim,
                     (args.global_weight, args.local_weight, args.prior_weight), seed=args.seed,
                     sync_bn=args.sync_bn)
-    model.compile(optimizer=keras.optimizers.Adam(args.lr), jit_compile=args.jit)
+    model.compile(optimizer=FusedAdam(args.lr), jit_compile=args.jit)
     model.build((None, args.img_size, args.img_size, 3))
     model.optimizer.build(model.trainable_variables)  # so that a resume can load its state
     return model
@@ -721,7 +751,8 @@ def search(args):
 def run_config(args):
     return {k: getattr(args, k) for k in (
         "dataset", "data_dir", "img_size", "z_dim", "batch_size", "epochs", "steps_per_epoch",
-        "lr", "global_weight", "local_weight", "prior_weight", "seed", "jit", "sync_bn")} | {
+        "lr", "global_weight", "local_weight", "prior_weight", "seed", "jit", "sync_bn",
+        "nan_patience")} | {
         "pixel_range": list(args.pixel_range)}
 
 
@@ -735,7 +766,7 @@ def train(args):
     if len(train_split[0]) < args.batch_size:
         raise UsageError(f"--batch-size {args.batch_size}: larger than the "
                          f"{len(train_split[0])} training images")
-    check_run_config(run_dir, run_config(args), must_match=("dataset", "img_size", "z_dim"))
+    before = check_run_config(run_dir, run_config(args), must_match=MODEL_KEYS)
     print(f"{args.dataset}: {len(train_split[0])} training and {len(test_split[0])} test images "
           f"of {args.img_size}x{args.img_size}")
 
@@ -744,23 +775,27 @@ def train(args):
     print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor x -> mu "
           f"{count(feature_extractor(model.encoder).trainable_weights):,}), "
           f"{count(model.non_trainable_weights):,} batch-norm statistics")
-    checkpoint = RunCheckpoint(run_dir)
-    initial_epoch = checkpoint.restore(model)  # also continues the noise/permutation stream
-    common.check_workers_agree(strategy, initial_epoch, "the epoch to resume from")
     steps = args.steps_per_epoch or len(train_split[0]) // args.batch_size
-    callbacks = [common.AverageReplicaStatistics(), checkpoint, keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: atomic_save_weights(
-            model.encoder, os.path.join(run_dir, "encoder.weights.h5")))]
+    checkpoint = RunCheckpoint(run_dir, batch_size=args.batch_size, steps_per_epoch=steps,
+                               model_config={k: getattr(args, k) for k in MODEL_KEYS})
+    checkpoint.restore(model)  # weights, Adam state, noise/permutation stream, data position
+    common.check_workers_agree(strategy, (checkpoint.epochs_done, checkpoint.steps_done),
+                               "the position to resume from (epochs, steps)")
+    if checkpoint.resumed_from:
+        common.resume_learning_rate(model, checkpoint, args.lr, before.get("lr"))
+    callbacks = [common.AverageReplicaStatistics(), checkpoint,
+                 common.NonFiniteRollback(checkpoint, args.nan_patience),
+                 keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: atomic_save_weights(
+                     model.encoder, os.path.join(run_dir, "encoder.weights.h5")))]
     if args.monitor_knn and (train_split[1] >= 0).all() and len(test_split[0]):
         callbacks.insert(1, KnnMonitor(train_split, test_split, args.pixel_range,
-                                       args.monitor_knn, args.seed))
-    if initial_epoch < args.epochs:
-        stream = training_stream(train_split[0], args.batch_size, args.pixel_range,
-                                 args.seed + initial_epoch)
-        model.fit(stream, epochs=args.epochs, steps_per_epoch=steps, initial_epoch=initial_epoch,
-                  callbacks=callbacks, shuffle=False)  # the stream reshuffles itself
+                                       args.monitor_knn, args.seed))  # its numbers go to the CSV
+    if checkpoint.epochs_done < args.epochs:
+        common.fit_resumable(model, lambda images_seen: training_stream(
+            train_split[0], args.batch_size, args.pixel_range, args.seed, start=images_seen),
+            checkpoint, args.epochs, steps, callbacks)
     else:
-        print(f"{args.out} already has {initial_epoch} epochs (--epochs {args.epochs})")
+        print(f"{args.out} already has {checkpoint.epochs_done} epochs (--epochs {args.epochs})")
     if common.is_chief(strategy):
         evaluate_run(run_dir, model.encoder, train_split, test_split, args)
     else:
@@ -793,10 +828,16 @@ def evaluate(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.deterministic:
+        tf.config.experimental.enable_op_determinism()
     try:
         {"train": train, "evaluate": evaluate, "search": search}[args.command](args)
     except UsageError as e:
         fail(str(e))
+    except common.TrainingStopped as e:
+        common.stop(e)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing new saved
+        common.stop(common.Interrupted("nothing saved since the last save"))
 
 
 if __name__ == "__main__":

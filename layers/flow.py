@@ -315,8 +315,8 @@ class SplitChannels(FlowLayer):
         if inverse:
             x1, x2 = inputs
             return ops.concatenate([x1, x2], axis=-1), _zeros_per_example(x1)
-        c = inputs.shape[-1]
-        return [inputs[..., : c // 2], inputs[..., c // 2:]], _zeros_per_example(inputs)
+        c = inputs.shape[-1]  # ops.split, not slicing: its gradient is one concatenation
+        return ops.split(inputs, [c // 2], axis=-1), _zeros_per_example(inputs)
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ConcatChannels(SplitChannels):
@@ -335,7 +335,7 @@ class ConcatChannels(SplitChannels):
             x1, x2 = inputs
             return ops.concatenate([x1, x2], axis=-1), _zeros_per_example(x1)
         k = self.split if self.split is not None else inputs.shape[-1] // 2
-        return [inputs[..., :k], inputs[..., k:]], _zeros_per_example(inputs)
+        return ops.split(inputs, [k], axis=-1), _zeros_per_example(inputs)
 
     def get_config(self):
         return {**super().get_config(), "split": self.split}
@@ -412,8 +412,7 @@ class CoupleWrapper(FlowLayer):
                              f"{tuple(input_shape)}, it gives {out_c}")
 
     def call(self, inputs, inverse=False):
-        c = inputs.shape[-1]
-        x1, x2 = inputs[..., : c // 2], inputs[..., c // 2:]
+        x1, x2 = ops.split(inputs, [inputs.shape[-1] // 2], axis=-1)
         out = self.nn(x1)
         if self.affine:
             log_scale, shift = ops.split(out, 2, axis=-1)

@@ -151,7 +151,8 @@ def test_run_checkpoint_resumes_with_weights_optimiser_state_and_one_csv_line_pe
     resumed.fit(x, y, batch_size=8, epochs=3, initial_epoch=start, callbacks=[cb2], verbose=0)
     rows = list(csv.reader(open(os.path.join(run, "log.csv"))))
     assert [r[0] for r in rows] == ["epoch", "1", "2", "3"]
-    assert sorted(os.listdir(run)) == ["best.weights.h5", "latest.weights.h5", "log.csv", "state.json"]
+    assert sorted(os.listdir(run)) == ["best.weights.h5", "events.log", "latest.weights.h5", "log.csv",
+                                       "previous.weights.h5", "state.json"]
     assert common.read_json(os.path.join(run, "state.json"))["epochs_done"] == 3
 
 
@@ -170,9 +171,11 @@ def test_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
     model = tiny_model()
     cb = common.RunCheckpoint(str(tmp_path))
     model.fit(RNG.randn(8, 3), RNG.randn(8, 1), epochs=1, callbacks=[cb], verbose=0)
-    with open(tmp_path / "latest.weights.h5", "r+b") as f:
-        f.truncate(100)
-    with pytest.raises(common.UsageError, match=r"latest.weights.h5: cannot resume"):
+    for name in ("latest.weights.h5", "best.weights.h5"):  # every save damaged: no fallback
+        with open(tmp_path / name, "r+b") as f:
+            f.truncate(100)
+    with pytest.raises(common.UsageError, match=r"no checkpoint can be read \(.*latest.weights.h5: "
+                                                r"OSError: .*truncated"):
         common.RunCheckpoint(str(tmp_path)).restore(tiny_model())
 
 

@@ -363,9 +363,11 @@ def test_runs_in_tf_function_with_xla(name):
                                  jit_compile=True)
     y, logdet, back = round_trip(x)
     eager_y, eager_logdet = layer(x)
-    assert max_err(y, as_list(eager_y)) < 1e-5
-    assert max_err(logdet, eager_logdet) < 1e-4
-    assert max_err(back, x) < 1e-5
+    # XLA and the eager kernels sum in different orders: float32 round-off relative to the size
+    scale = lambda t: max(1.0, float(np.max(np.abs(np.asarray(t)))))  # noqa: E731
+    assert max_err(y, as_list(eager_y)) < 1e-5 * scale(as_list(eager_y))
+    assert max_err(logdet, eager_logdet) < 1e-5 * scale(eager_logdet)
+    assert max_err(back, x) < 1e-5 * scale(x)
 
 
 @pytest.mark.parametrize("name", ["Squeeze", "ActNorm", "CondActNorm", "Permute", "InvConv",

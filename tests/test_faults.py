@@ -1,0 +1,681 @@
+"""Issue 6: training survives interruption, damaged checkpoints, non-finite steps, bad data
+and bad flags. Every test injects its fault: a real SIGKILL or SIGINT to a real training
+process, bytes cut from a checkpoint, NaN batches from the input pipeline (TEST_NAN_AT_STEPS),
+unreadable image files, wrong flags."""
+
+import csv
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import h5py
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from conftest import ROOT
+import common
+import f_vaes
+import infomax
+from test_common import write_messy_folder
+from test_f_vaes import TINY_FLAGS
+
+RNG = np.random.RandomState(0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def write_faces(folder, n=12, size=16):
+    """A folder of small smooth pictures (blocky noise), as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(1)
+    for i in range(n):
+        picture = rng.uniform(0, 255, (size // 4, size // 4, 3)).repeat(4, 0).repeat(4, 1)
+        iio.imwrite(folder / f"{i:02d}.png", picture.astype("uint8"))
+    return folder
+
+
+def fvae_argv(data, run, epochs, *extra):
+    return TINY_FLAGS + ["--data-dir", str(data), "--out", str(run), "--epochs", str(epochs),
+                         "--holdout", "0", "--seed", "5", *extra]
+
+
+def infomax_argv(data, run, epochs, *extra):
+    return ["--dataset", "folder", "--data-dir", str(data), "--out", str(run), "--img-size", "8",
+            "--z-dim", "8", "--batch-size", "4", "--steps-per-epoch", "3", "--epochs", str(epochs),
+            "--monitor-knn", "0", "--no-baseline", "--seed", "5", *extra]
+
+
+def main_exit_code(module, argv):
+    """Run a script's main() in this process; its exit status (0 when it returns)."""
+    try:
+        return module.main(argv) or 0
+    except SystemExit as e:
+        return e.code
+
+
+def csv_rows(run):
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        return list(csv.reader(f))
+
+
+def h5_arrays(path):
+    """Every dataset of an HDF5 file by its path (weights and optimiser state)."""
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: arrays.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def all_finite_in_file(path):
+    return all(np.all(np.isfinite(a)) for a in h5_arrays(path).values()
+               if np.issubdtype(np.asarray(a).dtype, np.floating))
+
+
+def folder_digest(folder):
+    """name -> sha1 of every file below `folder` (to show nothing was overwritten)."""
+    digest = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            digest[os.path.relpath(path, folder)] = hashlib.sha1(open(path, "rb").read()).hexdigest()
+    return digest
+
+
+class Training:
+    """A training command in a child process whose stderr is collected line by line."""
+
+    def __init__(self, script, argv, tmp_path, env=None):
+        self.lines = []
+        self.stdout = tmp_path / f"{script}.stdout"
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, text=True,
+            stdout=open(self.stdout, "w"), stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, condition, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if condition():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError("training ended early:\n" + "".join(self.lines[-20:]))
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout} s:\n" + "".join(self.lines[-20:]))
+
+    def saw(self, text):
+        return any(text in line for line in self.lines)
+
+    def printed(self, text):
+        return text in self.stdout.read_text()
+
+    def finish(self, timeout=60):
+        try:
+            code = self.process.wait(timeout)
+        finally:
+            self.kill()
+        self.reader.join(5)
+        return code
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def op_determinism():
+    """TensorFlow op determinism for one test (the scripts' --deterministic turns it on)."""
+    from tensorflow.python.framework import config
+    tf.config.experimental.enable_op_determinism()
+    yield
+    config.disable_op_determinism()
+
+
+def interrupt_at_step(monkeypatch, step, signum=signal.SIGINT):
+    """Send a real signal to this process at the end of the run's global training step `step`,
+    as a user's Ctrl-C would arrive: the scripts' handler sees it at that step's end."""
+    original = common.RunCheckpoint.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch_images + (batch + 1) * self.batch_size == step * self.batch_size:
+            os.kill(os.getpid(), signum)
+        original(self, batch, logs)
+
+    monkeypatch.setattr(common.RunCheckpoint, "on_train_batch_end", on_train_batch_end)
+
+
+# --------------------------------------------------------------------------- non-finite steps
+
+class TinyRegression(keras.Model):
+    """y = Dense(1)(BatchNorm(x)) trained with the guarded step, for checks that need no image."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = keras.layers.BatchNormalization()
+        self.dense = keras.layers.Dense(1)
+        self.tracker = common.AppliedMean(name="loss")
+        self.skipped = common.SkippedSteps()
+
+    @property
+    def metrics(self):
+        return [self.tracker, self.skipped]
+
+    def call(self, x, training=False):
+        return self.dense(self.norm(x, training=training))
+
+    def train_step(self, data):
+        x, y = data
+        statistics = common.snapshot(self.non_trainable_variables)
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        applied = common.apply_if_finite(self.optimizer, loss, grads, self.trainable_variables,
+                                         restore=statistics)
+        self.tracker.update_state(loss, applied)
+        self.skipped.update_state(applied)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def tiny_regression(lr=0.01, inputs=3):
+    keras.utils.set_random_seed(0)
+    model = TinyRegression()
+    model.compile(keras.optimizers.Adam(lr))
+    model(np.zeros((1, inputs), "float32"))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def regression_stream(start=0):
+    """Batches (x, y) of a fixed regression problem, through the common stream (and its NaN hook)."""
+    x = RNG.randn(64, 3).astype("float32")
+    data = tf.constant(np.concatenate([x, x.sum(1, keepdims=True)], 1))
+    batches = common.stream_order(64, 0, start).batch(8).map(lambda i: tf.gather(data, i))
+    return common.finish_stream(batches, first_step=start // 8).map(lambda b: (b[:, :3], b[:, 3:]))
+
+
+def variables_of(model):
+    """Every weight, batch-norm statistic and optimiser variable (step count included); not
+    the noise generators' states, which move on at every step, applied or not."""
+    return [v.numpy().copy() for v in model.weights + model.optimizer.variables
+            if "seed_generator" not in v.path]
+
+
+@pytest.mark.parametrize("which", ["fvae", "infomax-xla"])
+def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
+    """The batch of step 2 is NaN (injected in the input pipeline): its update is not applied -
+    weights, Adam moments, the optimiser's step count and batch-norm statistics stay as they
+    were - it is counted in skipped_steps, and the step after it trains normally."""
+    monkeypatch.setenv(common.NAN_STEPS_ENV, "2")
+    if which == "fvae":
+        model = f_vaes.build_model(f_vaes.Config(seed=0, img_size=16, level=2, depth=1,
+                                                 res_steps=1, coupling_width=8))
+        files = [str(p) for p in sorted(write_faces(tmp_path / "faces").glob("*.png"))]
+        stream = common.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=0)
+    else:  # infomax compiles its step with XLA by default
+        model = infomax.build_model(infomax.parse_args(["--dataset", "folder", "--img-size", "8",
+                                                        "--z-dim", "8"]))
+        assert model.jit_compile
+        stream = infomax.training_stream(RNG.randint(0, 256, (16, 8, 8, 3)).astype("uint8"), 4,
+                                         (-1.0, 1.0), seed=0)
+    after_epoch = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: after_epoch.append(variables_of(model)))
+    logs = model.fit(stream, steps_per_epoch=1, epochs=3, callbacks=[record], verbose=0).history
+    for a, b in zip(after_epoch[0], after_epoch[1]):  # step 2 changed nothing
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(after_epoch[1], after_epoch[2]))
+    assert logs["skipped_steps"] == [0.0, 1.0, 0.0]
+    assert np.isnan(logs["loss"][1]) and np.isfinite(logs["loss"][2])  # epoch 2 applied nothing
+    assert int(model.optimizer.iterations.numpy()) == 2 and common.weights_are_finite(model)
+
+
+def test_repeated_non_finite_steps_roll_back_lower_the_rate_and_never_reach_a_save(tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Steps 4-6 (all of epoch 2) are NaN, --nan-patience 2: after two the run reloads
+    best.weights.h5 and divides the learning rate by 10, logged on stderr, in events.log and
+    in the CSV, and goes on; no saved file holds a NaN."""
+    data, run = write_faces(tmp_path / "faces"), tmp_path / "run"
+    monkeypatch.setenv(common.NAN_STEPS_ENV, "4,5,6")
+    assert main_exit_code(f_vaes, fvae_argv(data, run, 3, "--nan-patience", "2")) == 0
+    err = capsys.readouterr().err
+    assert "2 non-finite steps in a row (epoch 2, step 2): rolled back to" in err
+    assert "best.weights.h5, learning rate 0.0001 -> 1e-05" in err
+    assert "rolled back to" in (run / "events.log").read_text()
+    rows = csv_rows(run)
+    column = {name: [r[i] for r in rows[1:]] for i, name in enumerate(rows[0])}
+    assert column["epoch"] == ["1", "2", "3"] and column["skipped_steps"] == ["0", "3", "0"]
+    assert column["learning_rate"] == ["0.0001", "1e-05", "1e-05"]
+    assert column["loss"][1] == "nan" and column["loss"][2] != "nan"  # epoch 2: nothing applied
+    for name in ("latest", "previous", "best"):
+        assert all_finite_in_file(run / f"{name}.weights.h5"), name
+
+
+def test_a_lowered_learning_rate_survives_a_resume_unless_lr_changes(tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setenv(common.NAN_STEPS_ENV, "9,10")
+    model = tiny_regression(lr=0.01)
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    common.fit_resumable(model, regression_stream, checkpoint, 3, 8,
+                         [checkpoint, common.NonFiniteRollback(checkpoint, patience=2)], verbose=0)
+    assert "learning rate 0.01 -> 0.001" in capsys.readouterr().err
+
+    resumed = tiny_regression(lr=0.01)
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    checkpoint.restore(resumed)
+    common.resume_learning_rate(resumed, checkpoint, asked=0.01, asked_before=0.01)
+    assert float(resumed.optimizer.learning_rate.numpy()) == pytest.approx(0.001)
+    assert "keeping the saved learning rate 0.001" in capsys.readouterr().err
+
+    changed = tiny_regression(lr=0.05)
+    checkpoint.restore(changed)
+    common.resume_learning_rate(changed, checkpoint, asked=0.05, asked_before=0.01)
+    assert float(changed.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+    assert "--lr changed from 0.01" in capsys.readouterr().err
+
+
+def test_rollbacks_that_do_not_help_stop_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.NAN_STEPS_ENV, ",".join(str(s) for s in range(9, 60)))
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    rollback = common.NonFiniteRollback(checkpoint, patience=2, max_rollbacks=2)
+    with pytest.raises(common.TrainingStopped, match="again after 2 rollbacks"):
+        common.fit_resumable(model, regression_stream, checkpoint, 10, 8,
+                             [checkpoint, rollback], verbose=0)
+    events = (tmp_path / "events.log").read_text()
+    assert events.count("rolled back to") == 2 and "stopping" in events
+    assert abs(float(model.optimizer.learning_rate.numpy()) - 1e-4) < 1e-9  # 0.01 / 10 / 10
+    assert common.weights_attrs(checkpoint.latest)["epochs_done"] == 1  # epoch 2 never finished
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    model.fit(regression_stream(), steps_per_epoch=2, epochs=1, callbacks=[checkpoint], verbose=0)
+    saved = open(checkpoint.latest, "rb").read()
+    model.dense.kernel.assign(np.full((3, 1), np.nan, "float32"))
+    with pytest.raises(common.TrainingStopped, match="not finite at the end of epoch 2: not saved"):
+        checkpoint.on_epoch_end(1, {"loss": 0.5})
+    assert open(checkpoint.latest, "rb").read() == saved
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_skip_decision_is_the_same_on_every_replica(tmp_path):
+    """MirroredStrategy on two CPU replicas, a NaN in the half of one batch that replica 0
+    gets: neither replica applies that step (apply_if_finite all-reduces the decision and
+    conds in cross-replica context around optimizer.apply's merge_call), the skipped step
+    counts once, and the replicas' copies of the weights stay equal."""
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, {ROOT!r})
+        import common, infomax
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = infomax.build_model(infomax.parse_args(
+                ["--dataset", "folder", "--img-size", "8", "--z-dim", "8", "--no-jit"]))
+        images = np.random.RandomState(0).uniform(-1, 1, (3, 8, 8, 8, 3)).astype("float32")
+        images[1, :4] = np.nan  # step 2: replica 0's half of the batch only
+        model.fit(tf.data.Dataset.from_tensor_slices(images), epochs=1, steps_per_epoch=1, verbose=0)
+        before = [v.numpy() for v in model.weights + model.optimizer.variables]
+        logs = model.fit(tf.data.Dataset.from_tensor_slices(images[1:]), epochs=1,
+                         steps_per_epoch=1, verbose=0).history
+        unchanged = all(np.array_equal(a, v.numpy()) for a, v in
+                        zip(before, model.weights + model.optimizer.variables))
+        # (Keras keeps a batch-norm moving average per replica, so those may differ anyway)
+        replicas_equal = all(np.array_equal(*[t.numpy() for t in v.value.values])
+                             for v in model.trainable_weights)
+        print("RESULT", strategy.num_replicas_in_sync, unchanged, replicas_equal,
+              logs["skipped_steps"][0], int(model.optimizer.iterations.numpy()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=240, cwd=ROOT)
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, result.stderr[-3000:]
+    assert line[0].split()[1:] == ["2", "True", "True", "1.0", "1"]
+
+
+# --------------------------------------------------------------------------- damaged checkpoints
+
+def two_epochs(run, model_config={"img_size": 64}):
+    """A run of the tiny regression with two finished epochs (latest = 2, previous = 1)."""
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(run), batch_size=8, steps_per_epoch=2,
+                                      model_config=model_config)
+    common.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint], verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "garbage"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_and_says_so(damage, tmp_path,
+                                                                          capsys):
+    two_epochs(tmp_path)
+    latest = tmp_path / "latest.weights.h5"
+    content = latest.read_bytes()
+    latest.write_bytes({"zero bytes": b"", "truncated": content[: len(content) // 2],
+                        "garbage": b"x" * len(content)}[damage])
+
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 64})
+    assert checkpoint.restore(model) == 1
+    err = capsys.readouterr().err
+    assert "latest.weights.h5 is damaged (OSError" in err
+    assert "set aside as latest.weights.h5.damaged; falling back to" in err
+    assert "previous.weights.h5" in err and "resuming" in err
+    assert (tmp_path / "latest.weights.h5.damaged").exists() and not latest.exists()
+    assert [r[0] for r in csv_rows(tmp_path)] == ["epoch", "1"]  # the CSV follows the weights
+    reference = tiny_regression()
+    reference.load_weights(tmp_path / "previous.weights.h5")
+    for a, b in zip(variables_of(reference), variables_of(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_another_model_names_the_file_and_the_difference(tmp_path):
+    two_epochs(tmp_path)
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 128})
+    with pytest.raises(common.UsageError, match=r"latest.weights.h5 holds another model: "
+                                                r"saved with --img-size 64, asked for 128"):
+        checkpoint.restore(tiny_regression())
+
+
+def test_weights_of_an_unrecorded_other_model_are_an_error_naming_each_file(tmp_path):
+    two_epochs(tmp_path, model_config=None)
+    model = tiny_regression(inputs=5)  # the files record no configuration: only loading tells
+    with pytest.raises(common.UsageError, match=r"no checkpoint can be read \(.*latest.weights.h5: "
+                                                r".*previous.weights.h5: .*best.weights.h5: "):
+        common.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".h5")) == [
+        "best.weights.h5", "latest.weights.h5", "previous.weights.h5"]  # nothing set aside
+
+
+def test_weights_that_do_not_fit_the_model_name_the_file(fvae_reference, tmp_path, capsys):
+    """config.json deleted, then --depth changed: the weights files know their model, and the
+    command stops before writing anything (config.json is not recreated)."""
+    data, reference = fvae_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    os.remove(run / "config.json")
+    before = folder_digest(run)
+    argv = fvae_argv(data, run, 4)
+    argv[argv.index("--depth") + 1] = "2"
+    assert main_exit_code(f_vaes, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "latest.weights.h5 holds another model: saved with --depth 1, asked for 2" in err[0]
+    assert folder_digest(run) == before
+
+
+@pytest.mark.parametrize("damage", ["line lost", "half a line", "lines of later epochs"])
+def test_the_csv_is_one_whole_line_per_saved_epoch_after_a_kill(damage, tmp_path):
+    """Killed between the weights and the CSV line (lost), while writing it (half), or after
+    epochs whose saves never finished: on resume the CSV has exactly epochs 1..2 again."""
+    two_epochs(tmp_path)
+    expected = csv_rows(tmp_path)
+    text = (tmp_path / "log.csv").read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[1]
+    (tmp_path / "log.csv").write_text({
+        "line lost": text[: -len(last) - 1],
+        "half a line": text[: -len(last) // 2 - 1],
+        "lines of later epochs": text + "3,0.5,0.1,0.2\n2,0.4,0.1,0.2\n"}[damage])
+    common.RunCheckpoint(str(tmp_path), batch_size=8).restore(tiny_regression())
+    assert csv_rows(tmp_path) == expected
+
+
+def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_path, monkeypatch):
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    model.fit(regression_stream(), steps_per_epoch=2, epochs=1, callbacks=[checkpoint], verbose=0)
+    saved = open(checkpoint.latest, "rb").read()
+
+    def full_disk(path, overwrite=True):
+        open(path, "wb").write(b"half a file")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(model, "save_weights", full_disk)
+    with pytest.raises(common.TrainingStopped, match="No space left on device.*previous save is intact"):
+        checkpoint.on_epoch_end(1, {"loss": 9.0})
+    assert open(checkpoint.latest, "rb").read() == saved
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+# --------------------------------------------------------------------------- interruption
+
+@pytest.fixture(scope="module")
+def fvae_reference(tmp_path_factory):
+    """An uninterrupted tiny f-VAE run of 3 epochs with --deterministic: the weights, optimiser
+    state and CSV that an interrupted run must end with (and a run folder that bad commands
+    must leave alone)."""
+    from tensorflow.python.framework import config
+    base = tmp_path_factory.mktemp("reference")
+    data = write_faces(base / "faces")
+    try:
+        assert main_exit_code(f_vaes, fvae_argv(data, base / "run", 3, "--deterministic")) == 0
+    finally:
+        config.disable_op_determinism()
+    return data, base / "run"
+
+
+def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
+        fvae_reference, tmp_path, op_determinism):
+    """The real command line, three times with the same command: SIGKILL while it writes epoch
+    2's checkpoint (a test hook pauses between the temporary file and the rename); Ctrl-C
+    (SIGINT) once the resumed run trains; then to the end. Each start resumes from the last
+    completed save, and the run ends with the weights, optimiser state and CSV of an
+    uninterrupted run, bit for bit (TensorFlow op determinism, same seed)."""
+    data, reference = fvae_reference
+    run = tmp_path / "run"
+    argv = fvae_argv(data, run, 3, "--deterministic")
+
+    killed = Training("f_vaes.py", argv, tmp_path, env={common.PAUSE_ENV: "2:60"})
+    try:
+        killed.wait_for(lambda: killed.saw("pausing before renaming"))
+        assert [n for n in os.listdir(run) if n.endswith(".tmp.weights.h5")]
+        killed.process.send_signal(signal.SIGKILL)
+        assert killed.finish() == -signal.SIGKILL
+    finally:
+        killed.kill()
+    assert common.weights_attrs(run / "latest.weights.h5")["epochs_done"] == 1
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1"]
+
+    interrupted = Training("f_vaes.py", argv, tmp_path)
+    try:
+        interrupted.wait_for(lambda: interrupted.printed("Epoch 2/3"))  # compiling its first step
+        interrupted.process.send_signal(signal.SIGINT)
+        assert interrupted.finish() == 128 + signal.SIGINT
+    finally:
+        interrupted.kill()
+    assert interrupted.saw("left by an interrupted save") and interrupted.saw("resuming")
+    assert interrupted.saw("SIGINT: saving after this step")
+    assert interrupted.saw("stopped: SIGINT: saved")
+    attrs = common.weights_attrs(run / "latest.weights.h5")
+    epochs, steps = attrs["epochs_done"], attrs["steps_done"]  # epoch 2, step 1 unless slow
+    assert attrs["images_seen"] == (3 * epochs + steps) * 4 and len(csv_rows(run)) == 1 + epochs
+    assert "SIGINT: saved" in (run / "events.log").read_text()
+
+    assert main_exit_code(f_vaes, argv) == 0
+    assert csv_rows(run) == csv_rows(reference)  # epochs 1, 2, 3 once each, the same numbers
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    expected, got = h5_arrays(reference / "latest.weights.h5"), h5_arrays(run / "latest.weights.h5")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+
+
+def test_infomax_stopped_by_ctrl_c_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch,
+                                                                         op_determinism):
+    """Deep InfoMax (its noise and both negative permutations come from a seed generator): 3
+    epochs in one go, against a run that Ctrl-C stops after step 5 (epoch 2 of 3 steps) and
+    the same command again. Weights, optimiser state and CSV are equal, bit for bit."""
+    data = write_faces(tmp_path / "faces", n=16)
+    one_go, interrupted = tmp_path / "one_go", tmp_path / "interrupted"
+    assert main_exit_code(infomax, infomax_argv(data, one_go, 3, "--deterministic")) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 5)
+        assert main_exit_code(infomax, infomax_argv(data, interrupted, 3, "--deterministic")) == 130
+    attrs = common.weights_attrs(interrupted / "latest.weights.h5")
+    assert (attrs["epochs_done"], attrs["steps_done"]) == (1, 2)
+    assert main_exit_code(infomax, infomax_argv(data, interrupted, 3, "--deterministic")) == 0
+
+    expected, got = h5_arrays(one_go / "latest.weights.h5"), h5_arrays(interrupted / "latest.weights.h5")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+    assert csv_rows(one_go) == csv_rows(interrupted)
+
+
+@pytest.mark.slow
+def test_sigkills_at_random_moments_lose_nothing_and_change_nothing(fvae_reference, tmp_path,
+                                                                    op_determinism):
+    """The same command killed with SIGKILL at random moments of its training (steps, saves,
+    sample grids), five times, then run to the end: one CSV line per epoch, no temporary
+    file, and the weights and CSV of the uninterrupted run."""
+    data, reference = fvae_reference
+    run = tmp_path / "run"
+    argv = fvae_argv(data, run, 3, "--deterministic")
+    rng = np.random.RandomState(0)
+    for attempt in range(5):
+        training = Training("f_vaes.py", argv, tmp_path)
+        try:
+            training.wait_for(lambda: training.printed("Epoch ") or training.saw("already trained"),
+                              timeout=180)
+            time.sleep(rng.uniform(0.0, 4.0))
+            training.process.send_signal(signal.SIGKILL)
+            training.finish()
+        finally:
+            training.kill()
+        if os.path.exists(run / "latest.weights.h5"):
+            done = common.weights_attrs(run / "latest.weights.h5")["epochs_done"]
+            assert [r[0] for r in csv_rows(run)][1:done + 1] == [str(e) for e in range(1, done + 1)]
+    assert main_exit_code(f_vaes, argv) == 0
+    assert csv_rows(run) == csv_rows(reference)
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    expected, got = h5_arrays(reference / "latest.weights.h5"), h5_arrays(run / "latest.weights.h5")
+    for name in expected:
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+
+
+# --------------------------------------------------------------------------- bad data
+
+@pytest.mark.parametrize("script", ["f_vaes", pytest.param("infomax", marks=pytest.mark.slow)])
+def test_a_folder_of_every_kind_of_file_trains_through_a_whole_pass(script, tmp_path, capsys):
+    """Empty, truncated, text-as-PNG files are skipped with a warning naming each; 16-bit,
+    grey, RGBA, CMYK, palette, tiny, large and nested images are used: one epoch covers every
+    readable file at least once and the run finishes."""
+    good, bad = write_messy_folder_at(tmp_path / "messy")
+    run = tmp_path / "run"
+    argv = (fvae_argv if script == "f_vaes" else infomax_argv)(tmp_path / "messy", run, 1)
+    assert len(good) <= 3 * 4  # f-VAE: one epoch of 3 steps of 4 decodes every good file
+    with pytest.warns(UserWarning) as caught:
+        assert main_exit_code(f_vaes if script == "f_vaes" else infomax, argv) == 0
+    warned = " ".join(str(w.message) for w in caught)
+    for path in bad:
+        assert path in warned
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1"]
+
+
+def write_messy_folder_at(folder):
+    folder.mkdir()
+    return write_messy_folder(folder)
+
+
+@pytest.mark.parametrize("script", ["f_vaes", "infomax"])
+def test_a_folder_without_a_usable_image_is_an_error_before_training(script, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.png").write_bytes(b"")
+    (tmp_path / "data" / "text.png").write_text("not an image")
+    run = tmp_path / "run"
+    argv = (fvae_argv if script == "f_vaes" else infomax_argv)(tmp_path / "data", run, 1)
+    with pytest.warns(UserWarning):
+        assert main_exit_code(f_vaes if script == "f_vaes" else infomax, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --data-dir") and str(tmp_path / "data") in err
+    assert not (run / "latest.weights.h5").exists() and not (run / "log.csv").exists()
+
+
+# --------------------------------------------------------------------------- bad flags and places
+
+@pytest.fixture(scope="module")
+def existing_runs(fvae_reference):
+    """A finished f-VAE run and an infomax run folder, to show that a bad command overwrites
+    nothing (the infomax errors come before any file of the run is read)."""
+    data, reference = fvae_reference
+    base = reference.parent
+    (base / "infomax").mkdir(exist_ok=True)
+    (base / "infomax" / "config.json").write_text("{}")
+    (base / "infomax" / "latest.weights.h5").write_bytes(b"weights")
+    (base / "a_file").write_text("not a folder")
+    return base
+
+
+FVAE_BAD = [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch-size", "-4"], "--batch-size -4: must be at least 1"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch 0: must be at least 1"),
+    (["--img-size", "60"], "--img-size 60: must be a positive multiple of"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
+    (["--nan-patience", "-1"], "--nan-patience -1: must be 0 or more"),
+    (["--data-dir", "{base}/missing"], "--data-dir '{base}/missing': no such folder"),
+    (["--out", "{base}/a_file/run"], "--out '{base}/a_file/run': cannot write there"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+]
+INFOMAX_BAD = [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--steps-per-epoch", "-3"], "--steps-per-epoch must be at least 1, got -3"),
+    (["--img-size", "12"], "--img-size must be a power of two >= 8, got 12"),
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--nan-patience", "-2"], "--nan-patience must be 0 or more, got -2"),
+    (["--data-dir", "{base}/missing"], "--data-dir '{base}/missing': no such folder"),
+    (["--out", "{base}/a_file/run"], "--out '{base}/a_file/run': cannot write there"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message",
+                         [("f_vaes", f, m) for f, m in FVAE_BAD]
+                         + [("infomax", f, m) for f, m in INFOMAX_BAD])
+def test_a_bad_flag_or_place_is_a_one_line_error_and_overwrites_nothing(script, flags, message,
+                                                                      existing_runs, capsys):
+    base = existing_runs
+    module, argv = {"f_vaes": (f_vaes, fvae_argv), "infomax": (infomax, infomax_argv)}[script]
+    run = base / ("run" if script == "f_vaes" else "infomax")
+    before = folder_digest(base)
+    command = argv(base / "faces", run, 2)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        value = value.format(base=base)
+        if flag in command:
+            command[command.index(flag) + 1] = value
+        else:
+            command += [flag, value]
+    assert main_exit_code(module, command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(base=base) in err[0]
+    assert folder_digest(base) == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--temperatures", "1.0,-0.5"], "temperatures must be numbers >= 0"),
+    (["sweep", "--sweep", "-1"], "temperatures must be numbers >= 0"),
+    (["sample", "--rows", "0"], "--rows and --cols must be at least 1"),
+])
+def test_a_negative_temperature_is_a_one_line_error(argv, message, existing_runs, capsys):
+    assert main_exit_code(f_vaes, argv + ["--out", str(existing_runs / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
