@@ -724,6 +724,8 @@ def main(argv=None):
         if args.command == "train":
             config = train_config(args)
             strategy = common.make_strategy(args.distribute, args.devices)  # before other TF ops
+            common.check_workers_agree(strategy, config.seed, "--seed", "give every worker the "
+                                       "same --seed (the default, -1, draws one per process)")
             run_dir = common.writable_run_dir(args.out, strategy)  # --out on the chief only
             common.ensure_writable_dir(run_dir, "--out" if run_dir == args.out else "TMPDIR")
             config.jit_compile = common.xla_allowed(

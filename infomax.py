@@ -758,6 +758,7 @@ def run_config(args):
 
 def train(args):
     strategy = common.make_strategy(args.distribute, args.devices)  # before any other TF op
+    common.check_workers_agree(strategy, args.seed, "--seed", "give every worker the same --seed")
     args.jit = common.xla_allowed(args.jit, args.distribute, "--jit")
     run_dir = common.writable_run_dir(args.out, strategy)  # --out on the chief only
     ensure_writable_dir(run_dir, "--out" if run_dir == args.out else "TMPDIR")

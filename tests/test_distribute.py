@@ -201,10 +201,11 @@ def free_ports(n):
     return ports
 
 
-def run_cluster(script, outs, argv, folder, timeout=300):
+def run_cluster(script, outs, argv, folder, timeout=300, own_argv=None, expect=0):
     """Start one worker process per `--out` of `outs` (TF_CONFIG on loopback ports), each with
-    `argv`; wait for all (all are killed on a timeout or when one fails); return each worker's
-    model state (dumped by tests/train_and_dump.py) and printed output."""
+    `argv` (then its own of `own_argv`); wait for all (all are killed on a timeout or when one
+    fails); unless each exits with `expect`, fail. Return each worker's model state (dumped by
+    tests/train_and_dump.py; None when `expect` is not 0) and printed output."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(len(outs))]
     children, logs = [], []
     try:
@@ -214,7 +215,8 @@ def run_cluster(script, outs, argv, folder, timeout=300):
             logs.append(open(folder / f"worker{index}.log", "w"))
             children.append(subprocess.Popen(
                 PYTHON + ["tests/train_and_dump.py", str(folder / f"worker{index}.npz"), script,
-                          "--out", str(out), "--distribute", "multiworker"] + argv,
+                          "--out", str(out), "--distribute", "multiworker"] + argv
+                + (own_argv[index] if own_argv else []),
                 cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
                 env=dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2")))
         codes = [child.wait(timeout=timeout) for child in children]
@@ -228,8 +230,11 @@ def run_cluster(script, outs, argv, folder, timeout=300):
         for log in logs:
             log.close()
     printed = [(folder / f"worker{i}.log").read_text() for i in range(len(outs))]
-    if any(code != 0 for code in codes):
-        pytest.fail(f"workers exited with {codes}\n" + "\n----\n".join(p[-3000:] for p in printed))
+    if any(code != expect for code in codes):
+        pytest.fail(f"workers exited with {codes}, not {expect}\n"
+                    + "\n----\n".join(p[-3000:] for p in printed))
+    if expect != 0:
+        return None, printed
     dumps = [np.load(folder / f"worker{i}.npz") for i in range(len(outs))]
     in_order = lambda dump: sorted(dump.files, key=lambda k: int(k.split("_")[1]))  # noqa: E731
     return [[dump[k] for k in in_order(dump)] for dump in dumps], printed
@@ -275,6 +280,19 @@ def test_two_workers_train_the_same_fvae_only_the_chief_writes_and_a_resume_work
     assert_same_state(states)
     assert log_epochs(chief_out) == ["1", "2", "3"]
     assert json.loads((chief_out / "state.json").read_text())["epochs_done"] == 3
+
+
+def test_workers_given_different_seeds_stop_before_anything_is_written(tmp_path):
+    """The f-VAE's default --seed -1 draws a seed per process: in a cluster the workers would
+    build different flows and cut their parts from different batches. All stop, exit 2."""
+    write_faces(tmp_path / "faces")
+    out = tmp_path / "run"
+    at = TINY_FVAE.index("--seed")
+    argv = TINY_FVAE[:at] + TINY_FVAE[at + 2:] + ["--data-dir", str(tmp_path / "faces")]
+    _, printed = run_cluster("f_vaes", [out, out], argv, tmp_path, timeout=120,
+                             own_argv=[["--seed", "1"], ["--seed", "2"]], expect=2)
+    assert all("the workers disagree on --seed" in p for p in printed), printed
+    assert not out.exists()
 
 
 @pytest.mark.slow
