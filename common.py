@@ -475,11 +475,17 @@ def step_logs(values):
     """A `train_step`'s dict of metric values, as `model.fit` can take them. With several workers
     Keras 3 averages each value over the replicas with `strategy.reduce(MEAN, axis=0)`, which
     fails on scalars (tensorflow/tensorflow#72388); one-element vectors give the same averages."""
-    strategy = tf.distribute.get_strategy()
-    if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode()):  # the test Keras itself makes
+    if in_cluster():
         return {name: tf.reshape(value, (1,)) for name, value in values.items()}
     return values
+
+
+def in_cluster(strategy=None):
+    """True under a MultiWorkerMirroredStrategy with several workers (the test Keras itself
+    makes); `strategy` defaults to the current one."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
 
 
 def shard_by_data(dataset):
@@ -830,10 +836,18 @@ class RunCheckpoint(keras.callbacks.Callback):
                         variable.assign(self._resumed_metrics[f"metric_state_{i}_{j}"])
             self._resumed_metrics = None
 
+    def saves_mid_epoch(self):
+        """Whether Ctrl-C/SIGTERM saves after the step in flight (else at the epoch's end). Not
+        in a cluster: there the save reads the metrics' running sums, an all-reduce over the
+        workers, which a worker the signal did not reach (or reached one step later) would
+        never join; the epoch's end is a point that every worker reaches."""
+        return not in_cluster(self.model.distribute_strategy if self.model else None)
+
     def on_train_batch_end(self, batch, logs=None):
         self.steps_done = self._epoch_step_offset + batch + 1
         self.images_seen = self._epoch_images + (batch + 1) * self.batch_size
-        if self.interrupt is not None and batch + 1 < (self.params or {}).get("steps", batch + 2):
+        if (self.interrupt is not None and batch + 1 < (self.params or {}).get("steps", batch + 2)
+                and self.saves_mid_epoch()):
             self.save_and_stop()  # at an epoch's last step, the epoch's own save is the one
 
     def on_epoch_end(self, epoch, logs=None):
@@ -1065,13 +1079,15 @@ def resume_learning_rate(model, checkpoint, asked, asked_before):
 @contextlib.contextmanager
 def save_on_signals(checkpoint, signals=(signal.SIGINT, signal.SIGTERM)):
     """While training: Ctrl-C (or SIGTERM, what schedulers send before SIGKILL) lets the step
-    in flight finish, then `checkpoint` saves and stops the run. A second Ctrl-C quits at
-    once, without saving."""
+    in flight finish, then `checkpoint` saves and stops the run (in a cluster: at the end of
+    the epoch, see `RunCheckpoint.saves_mid_epoch`). A second Ctrl-C quits at once, without
+    saving."""
     def request(signum, frame):
         if checkpoint.interrupt is not None:
             raise KeyboardInterrupt
         checkpoint.interrupt = signum
-        print(f"\n{signal.Signals(signum).name}: saving after this step "
+        when = "after this step" if checkpoint.saves_mid_epoch() else "at the end of this epoch"
+        print(f"\n{signal.Signals(signum).name}: saving {when} "
               "(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
 
     try:

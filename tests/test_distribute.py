@@ -171,6 +171,22 @@ def test_bad_distribution_flags_are_clear_errors(monkeypatch):
     assert common.xla_allowed(True, "none", "--jit")
 
 
+def test_in_a_cluster_ctrl_c_saves_at_the_end_of_the_epoch(tmp_path, monkeypatch):
+    """In a cluster a signal reaches the workers at different steps (or one worker only), and a
+    mid-epoch save reads the metrics with an all-reduce that the others would never join: the
+    run goes on to the end of its epoch, which every worker reaches, saves there and stops."""
+    from test_faults import interrupt_at_step, regression_stream, tiny_regression
+    monkeypatch.setattr(common, "in_cluster", lambda strategy=None: True)
+    interrupt_at_step(monkeypatch, 2)  # step 2 of epoch 1 (4 steps)
+    model = tiny_regression()
+    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=4)
+    with pytest.raises(common.Interrupted, match="at the end of epoch 1"):
+        common.fit_resumable(model, regression_stream, checkpoint, 3, 4, [checkpoint], verbose=0)
+    attrs = common.weights_attrs(checkpoint.latest)
+    assert (attrs["epochs_done"], attrs["steps_done"], attrs["images_seen"]) == (1, 0, 32)
+    assert int(model.optimizer.iterations.numpy()) == 4
+
+
 def test_synchronised_batch_norm_keeps_the_same_weights(tmp_path):
     """--sync-bn changes how batch statistics are computed, not the variables: weights saved
     with or without it load into the other."""
