@@ -217,11 +217,12 @@ def free_ports(n):
     return ports
 
 
-def run_cluster(script, outs, argv, folder, timeout=300, own_argv=None, expect=0):
+def run_cluster(script, outs, argv, folder, timeout=300, own_argv=None, expect=0, env=None):
     """Start one worker process per `--out` of `outs` (TF_CONFIG on loopback ports), each with
-    `argv` (then its own of `own_argv`); wait for all (all are killed on a timeout or when one
-    fails); unless each exits with `expect`, fail. Return each worker's model state (dumped by
-    tests/train_and_dump.py; None when `expect` is not 0) and printed output."""
+    `argv` (then its own of `own_argv`) and `env` added to its environment; wait for all (all
+    are killed on a timeout or when one fails); unless each exits with `expect`, fail. Return
+    each worker's model state (dumped by tests/train_and_dump.py; None when `expect` is not 0)
+    and printed output."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(len(outs))]
     children, logs = [], []
     try:
@@ -234,7 +235,8 @@ def run_cluster(script, outs, argv, folder, timeout=300, own_argv=None, expect=0
                           "--out", str(out), "--distribute", "multiworker"] + argv
                 + (own_argv[index] if own_argv else []),
                 cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
-                env=dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2")))
+                env=dict(os.environ, TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2",
+                         **(env or {}))))
         codes = [child.wait(timeout=timeout) for child in children]
     except subprocess.TimeoutExpired:
         codes = ["killed after a timeout"] * len(children)
@@ -277,6 +279,9 @@ def log_epochs(run):
 
 
 def test_two_workers_train_the_same_fvae_only_the_chief_writes_and_a_resume_works(tmp_path):
+    """... and the resumed run, whose first step is all-NaN (TEST_NAN_AT_STEPS) with
+    --nan-patience 1, skips that step and rolls back on both workers to the same best weights
+    (worker 1 reads the chief's through its links), so that they still end identical."""
     write_faces(tmp_path / "faces")
     chief_out, worker_out = tmp_path / "chief_run", tmp_path / "worker_run"
     argv = TINY_FVAE + ["--data-dir", str(tmp_path / "faces"), "--epochs", "2"]
@@ -291,11 +296,44 @@ def test_two_workers_train_the_same_fvae_only_the_chief_writes_and_a_resume_work
 
     # The same command again with more epochs, --out shared by both: both resume from it.
     argv[argv.index("--epochs") + 1] = "3"
-    states, printed = run_cluster("f_vaes", [chief_out, chief_out], argv, tmp_path)
+    states, printed = run_cluster("f_vaes", [chief_out, chief_out], argv + ["--nan-patience", "1"],
+                                  tmp_path, env={common.NAN_STEPS_ENV: "5"})  # epoch 3's first
     assert all("after epoch 2" in p for p in printed), printed
+    assert all("non-finite steps in a row" in p and "rolled back to" in p for p in printed)
     assert_same_state(states)
     assert log_epochs(chief_out) == ["1", "2", "3"]
     assert json.loads((chief_out / "state.json").read_text())["epochs_done"] == 3
+    with open(chief_out / "log.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["skipped_steps"]) == 1 and float(last["learning_rate"]) < 1e-3
+
+
+def worker_part(dataset, workers, index):
+    """What worker `index` of `workers` (one replica each) gets from `dataset` under
+    MultiWorkerMirroredStrategy: its `experimental_distribute_dataset` rebatches each global
+    batch into per-worker parts and auto-shards them (tensorflow/python/distribute/input_lib.py,
+    `_create_cloned_datasets_from_dataset`); reproduced here without a cluster."""
+    from tensorflow.python.distribute import input_lib, input_ops
+    rebatch = input_lib.DistributedDataset._make_rebatch_fn(None, dataset, workers, workers)
+    return input_ops.auto_shard_dataset(rebatch(dataset, index), workers, index, workers)
+
+
+@pytest.mark.parametrize("start", [0, 28])
+def test_two_workers_get_complementary_halves_of_the_same_global_batches(start, tmp_path):
+    """The training streams of both models (issue 6's position-addressed streams, also after a
+    resume at image `start`) are sharded by data: worker 0 gets the first half of each global
+    batch, worker 1 the second, and together they are the batch one device gets."""
+    write_faces(tmp_path / "faces")
+    files = sorted(str(p) for p in (tmp_path / "faces").iterdir())
+    streams = [common.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=3, start=start),
+               infomax.training_stream(np.arange(12 * 48, dtype="uint8").reshape(12, 4, 4, 3),
+                                       4, (-1.0, 1.0), seed=3, start=start)]
+    for stream in streams:
+        whole = [batch.numpy() for batch in stream.take(5)]
+        halves = [[batch.numpy() for batch in worker_part(stream, 2, i).take(5)] for i in (0, 1)]
+        for batch, first, second in zip(whole, *halves):
+            assert len(first) == len(second) == 2
+            np.testing.assert_array_equal(np.concatenate([first, second]), batch)
 
 
 def test_workers_given_different_seeds_stop_before_anything_is_written(tmp_path):
