@@ -85,8 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--local-weight", type=float, default=1.5)
     p.add_argument("--prior-weight", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the training step with XLA")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the training step with XLA (default: only if a GPU is visible; "
+                        "on a CPU TensorFlow's own oneDNN kernels are faster, bench/README.md)")
     p.add_argument("--nan-patience", type=int, default=20,
                    help="non-finite (skipped) steps in a row before rolling back to the best "
                         "weights and dividing the learning rate by 10 (0: only skip them)")
@@ -118,6 +119,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.pixel_range = defaults["pixel_range"]
+    if args.jit is None:
+        args.jit = bool(tf.config.list_physical_devices("GPU"))
     for flag, value in [("--batch-size", args.batch_size), ("--epochs", args.epochs),
                         ("--z-dim", args.z_dim), ("--top", args.top)]:
         if value < 1:
