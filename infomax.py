@@ -85,8 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--local-weight", type=float, default=1.5)
     p.add_argument("--prior-weight", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the training step with XLA (never with --distribute)")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the training step with XLA (default: only if a GPU is visible; "
+                        "on a CPU TensorFlow's own oneDNN kernels are faster, bench/README.md; "
+                        "never with --distribute)")
     p.add_argument("--distribute", choices=common.DISTRIBUTE, default="none",
                    help="train on one device, on all local GPUs (mirrored) or on the machines "
                         "of TF_CONFIG (multiworker); --batch-size stays the global batch")
@@ -125,6 +127,8 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.pixel_range = defaults["pixel_range"]
+    if args.jit is None:
+        args.jit = bool(tf.config.list_physical_devices("GPU"))
     for flag, value in [("--batch-size", args.batch_size), ("--epochs", args.epochs),
                         ("--z-dim", args.z_dim), ("--top", args.top)]:
         if value < 1:
