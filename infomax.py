@@ -35,6 +35,8 @@ import tensorflow as tf
 import keras
 from keras import layers, ops
 
+from layers import BatchNormalization  # the project's layers/ (not keras.layers)
+
 import common
 from common import (FusedAdam, UsageError, atomic_save_weights, check_run_config,
                     ensure_writable_dir, fail, find_readable_images, image_dataset, read_json,
@@ -331,7 +333,7 @@ def stage_channels(img_size):
 
 def conv_bn_lrelu(x, channels):
     x = layers.Conv2D(channels, 3, padding="same")(x)
-    x = layers.BatchNormalization()(x)
+    x = BatchNormalization()(x)  # keras' own, with the fused kernel in training (layers/norm.py)
     return layers.LeakyReLU(negative_slope=0.2)(x)
 
 
