@@ -47,8 +47,8 @@ from keras import ops
 
 import common
 from common import UsageError
-from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape, SameConv2D,
-                    SplitChannels, Squeeze, UnSqueeze)
+from layers import (ActNorm, BatchNormalization, CondActNorm, CoupleWrapper, FlowLayer, Permute,
+                    Reshape, SameConv2D, SplitChannels, Squeeze, UnSqueeze)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = {64: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_64x64"),
@@ -131,7 +131,7 @@ class ResidualStep(keras.layers.Layer):
     def __init__(self, channels, sync_bn=False, **kwargs):
         super().__init__(**kwargs)
         self.conv3 = keras.layers.Conv2D(channels, 3, padding="same")
-        self.norm = keras.layers.BatchNormalization(synchronized=sync_bn)
+        self.norm = BatchNormalization(synchronized=sync_bn)  # Keras' path when synchronised
         self.conv1 = keras.layers.Conv2D(channels, 1, padding="same", kernel_initializer="zeros")
 
     def call(self, x, training=False):

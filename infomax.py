@@ -35,6 +35,8 @@ import tensorflow as tf
 import keras
 from keras import layers, ops
 
+from layers import BatchNormalization  # the project's layers/ (not keras.layers)
+
 import common
 from common import (FusedAdam, UsageError, atomic_save_weights, check_run_config,
                     ensure_writable_dir, fail, find_readable_images, image_dataset, read_json,
@@ -340,7 +342,9 @@ def stage_channels(img_size):
 
 def conv_bn_lrelu(x, channels, sync_bn=False):
     x = layers.Conv2D(channels, 3, padding="same")(x)
-    x = layers.BatchNormalization(synchronized=sync_bn)(x)  # the same variables either way
+    # keras' own, with the fused kernel in training (layers/norm.py) unless synchronised; the
+    # same variables either way
+    x = BatchNormalization(synchronized=sync_bn)(x)
     return layers.LeakyReLU(negative_slope=0.2)(x)
 
 

@@ -414,7 +414,7 @@ def test_condactnorm_rejects_non_image_inputs():
 
 # ---------------------------------------------------------------- SameConv2D
 
-@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 3), (4, 4), (3, 5)])
 def test_same_conv_equals_keras_conv_with_the_same_weights(hw, kernel_size):
     from layers import SameConv2D
@@ -441,3 +441,30 @@ def test_same_conv_takes_only_same_padding_stride_1():
     from layers import SameConv2D
     with pytest.raises(ValueError, match="padding='same', strides 1"):
         SameConv2D(4, 3, strides=2)
+
+
+# ---------------------------------------------------------------- BatchNormalization
+
+@pytest.mark.parametrize("shape", [(8, 5, 6, 7), (3, 1, 1, 4)])
+def test_fused_batch_norm_equals_keras_batch_norm(shape):
+    from layers import BatchNormalization
+    x = tf.constant(RNG.randn(*shape).astype("float32") * 3 + 1)
+    fused, plain = BatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    fused.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights([w + 0.3 * RNG.rand(*w.shape) for w in plain.get_weights()])
+    fused.set_weights(plain.get_weights())
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_fused, y_plain = fused(x, training=True), plain(x, training=True)
+        loss_fused = tf.reduce_sum(tf.sin(y_fused))
+        loss_plain = tf.reduce_sum(tf.sin(y_plain))
+    np.testing.assert_allclose(y_fused.numpy(), y_plain.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(tape.gradient(loss_fused, [x] + fused.trainable_weights),
+                    tape.gradient(loss_plain, [x] + plain.trainable_weights)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.get_weights(), plain.get_weights()):  # moving mean and variance
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5,
+                               atol=1e-5)
+    assert fused.name.startswith("batch_normalization")  # weights files keep their paths
