@@ -71,6 +71,25 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 
+def add_run_flags(parser, nan_patience=20):
+    """The flags both training scripts share: where to train (tf.distribute) and how a run
+    protects itself (non-finite steps, determinism)."""
+    parser.add_argument("--distribute", choices=DISTRIBUTE, default="none",
+                        help="train on one device, on all local GPUs (mirrored) or on the "
+                             "machines of TF_CONFIG (multiworker); --batch-size stays the "
+                             "global batch")
+    parser.add_argument("--devices", type=device_list, default=None,
+                        help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="batch-norm statistics over the global batch, not each replica's part")
+    parser.add_argument("--nan-patience", type=int, default=nan_patience,
+                        help="non-finite (skipped) steps in a row before rolling back to the best "
+                             "weights and dividing the learning rate by 10 (0: only skip them)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="TensorFlow op determinism: the same seed and flags give the same "
+                             "weights, also across an interruption and resume (slower on a GPU)")
+
+
 # --------------------------------------------------------------------------- optimiser
 
 @keras.saving.register_keras_serializable(package="common")
@@ -78,7 +97,7 @@ class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam`: the same update, hyperparameters and saved state (m and v),
     with each variable updated by TensorFlow's fused Adam kernel in one pass over var, m and
     v instead of Keras' nine element-wise ops. For the f-VAE's 96M parameters that is about
-    a third of the time of Keras' update (bench/README.md). The kernel computes Keras' formula:
+    a third of the time of Keras' update (README.md, Benchmark). The kernel computes Keras' formula:
     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr sqrt(1 - b2^t) / (1 - b1^t) m /
     (sqrt(v) + eps). Sparse gradients and amsgrad take Keras' own path. Under tf.distribute
     Keras calls `update_step` once per device inside `distribution.extended.update`, where

@@ -36,7 +36,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
 # on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
-# 1.3-1.5x faster than the default Eigen kernels (bench/README.md). Read once, at import of
+# 1.3-1.5x faster than the default Eigen kernels (README.md, Benchmark). Read once, at import of
 # TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
@@ -662,19 +662,7 @@ def parse_args(argv=None):
                    help="compile the training step with XLA (default: only when a GPU is "
                         "visible; on CPU it compiles 50%% longer and steps no faster; never "
                         "with --distribute)")
-    p.add_argument("--distribute", choices=common.DISTRIBUTE, default="none",
-                   help="train on one device, on all local GPUs (mirrored) or on the machines "
-                        "of TF_CONFIG (multiworker); --batch-size stays the global batch")
-    p.add_argument("--devices", type=common.device_list, default=None,
-                   help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="batch-norm statistics over the global batch, not each replica's part")
-    p.add_argument("--nan-patience", type=int, default=d.nan_patience,
-                   help="non-finite (skipped) steps in a row before rolling back to the best "
-                        "weights and dividing the learning rate by 10 (0: only skip them)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="TensorFlow op determinism: the same seed and flags give the same "
-                        "weights, also across an interruption and resume (slower on a GPU)")
+    common.add_run_flags(p, nan_patience=d.nan_patience)
     p.add_argument("--weights", choices=("best", "latest"), default="best",
                    help="which checkpoint the commands on a run load")
     p.add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],

@@ -26,7 +26,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
 # on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
-# 1.3-1.5x faster than the default Eigen kernels (bench/README.md). Read once, at import of
+# 1.3-1.5x faster than the default Eigen kernels (README.md, Benchmark). Read once, at import of
 # TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
@@ -89,21 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the training step with XLA (default: only if a GPU is visible; "
-                        "on a CPU TensorFlow's own oneDNN kernels are faster, bench/README.md; "
+                        "on a CPU TensorFlow's own oneDNN kernels are faster; "
                         "never with --distribute)")
-    p.add_argument("--distribute", choices=common.DISTRIBUTE, default="none",
-                   help="train on one device, on all local GPUs (mirrored) or on the machines "
-                        "of TF_CONFIG (multiworker); --batch-size stays the global batch")
-    p.add_argument("--devices", type=common.device_list, default=None,
-                   help="mirrored: the devices to use, e.g. GPU:0,GPU:1 (default: all GPUs)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="batch-norm statistics over the global batch, not each replica's part")
-    p.add_argument("--nan-patience", type=int, default=20,
-                   help="non-finite (skipped) steps in a row before rolling back to the best "
-                        "weights and dividing the learning rate by 10 (0: only skip them)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="TensorFlow op determinism: the same seed and flags give the same "
-                        "weights, also across an interruption and resume")
+    common.add_run_flags(p)
     p.add_argument("--monitor-knn", type=int, default=5000, metavar="N",
                    help="after every epoch, log the k-NN accuracy of mu with N training images as "
                         "the memory bank and N/5 test queries (0: off)")

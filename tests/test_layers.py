@@ -414,6 +414,23 @@ def test_condactnorm_rejects_non_image_inputs():
 
 # ---------------------------------------------------------------- SameConv2D
 
+def assert_same_outputs_and_gradients(fast, plain, x, perturbation, **call_kwargs):
+    """A drop-in faster layer: with the (perturbed) weights of the Keras layer it replaces,
+    the same outputs and the same gradients for the input and every weight."""
+    fast.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights([w + perturbation(*w.shape) for w in plain.get_weights()])
+    fast.set_weights(plain.get_weights())
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_fast, y_plain = fast(x, **call_kwargs), plain(x, **call_kwargs)
+        loss_fast, loss_plain = tf.reduce_sum(tf.sin(y_fast)), tf.reduce_sum(tf.sin(y_plain))
+    np.testing.assert_allclose(y_fast.numpy(), y_plain.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(tape.gradient(loss_fast, [x] + fast.trainable_weights),
+                    tape.gradient(loss_plain, [x] + plain.trainable_weights)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 3), (4, 4), (3, 5)])
 def test_same_conv_equals_keras_conv_with_the_same_weights(hw, kernel_size):
@@ -421,18 +438,7 @@ def test_same_conv_equals_keras_conv_with_the_same_weights(hw, kernel_size):
     x = tf.constant(RNG.randn(3, *hw, 5).astype("float32"))
     fast = SameConv2D(7, kernel_size, activation="relu")
     plain = keras.layers.Conv2D(7, kernel_size, padding="same", activation="relu")
-    fast.build(x.shape)
-    plain.build(x.shape)
-    plain.set_weights([w + 0.1 * RNG.randn(*w.shape) for w in plain.get_weights()])
-    fast.set_weights(plain.get_weights())
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        y_fast, y_plain = fast(x), plain(x)
-        loss_fast, loss_plain = tf.reduce_sum(y_fast ** 2), tf.reduce_sum(y_plain ** 2)
-    np.testing.assert_allclose(y_fast.numpy(), y_plain.numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(tape.gradient(loss_fast, [x] + fast.trainable_weights),
-                    tape.gradient(loss_plain, [x] + plain.trainable_weights)):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    assert_same_outputs_and_gradients(fast, plain, x, lambda *shape: 0.1 * RNG.randn(*shape))
     assert fast.count_params() == plain.count_params()
     assert SameConv2D.from_config(fast.get_config()).get_config() == fast.get_config()
 
@@ -450,19 +456,8 @@ def test_fused_batch_norm_equals_keras_batch_norm(shape):
     from layers import BatchNormalization
     x = tf.constant(RNG.randn(*shape).astype("float32") * 3 + 1)
     fused, plain = BatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
-    fused.build(x.shape)
-    plain.build(x.shape)
-    plain.set_weights([w + 0.3 * RNG.rand(*w.shape) for w in plain.get_weights()])
-    fused.set_weights(plain.get_weights())
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        y_fused, y_plain = fused(x, training=True), plain(x, training=True)
-        loss_fused = tf.reduce_sum(tf.sin(y_fused))
-        loss_plain = tf.reduce_sum(tf.sin(y_plain))
-    np.testing.assert_allclose(y_fused.numpy(), y_plain.numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(tape.gradient(loss_fused, [x] + fused.trainable_weights),
-                    tape.gradient(loss_plain, [x] + plain.trainable_weights)):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    assert_same_outputs_and_gradients(fused, plain, x, lambda *shape: 0.3 * RNG.rand(*shape),
+                                      training=True)
     for a, b in zip(fused.get_weights(), plain.get_weights()):  # moving mean and variance
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5,
