@@ -1095,6 +1095,23 @@ def resume_learning_rate(model, checkpoint, asked, asked_before):
 
 # --------------------------------------------------------------------------- training
 
+def restore_run(model, checkpoint, strategy, lr, lr_before):
+    """`checkpoint.restore(model)`, then make sure every worker resumes from the same place,
+    and keep a learning rate a rollback lowered unless `--lr` changed (`lr_before`: the --lr
+    of the previous command on this run, None if there was none)."""
+    checkpoint.restore(model)  # weights, Adam state, noise streams, position in the data
+    check_workers_agree(strategy, (checkpoint.epochs_done, checkpoint.steps_done),
+                        "the position to resume from (epochs, steps)")
+    if checkpoint.resumed_from:
+        resume_learning_rate(model, checkpoint, lr, lr_before)
+
+
+def guarded_callbacks(checkpoint, nan_patience):
+    """The callbacks every training run starts with, in the order they must run: replicas'
+    batch-norm statistics averaged before the save, the save, then the rollback that reads it."""
+    return [AverageReplicaStatistics(), checkpoint, NonFiniteRollback(checkpoint, nan_patience)]
+
+
 @contextlib.contextmanager
 def save_on_signals(checkpoint, signals=(signal.SIGINT, signal.SIGTERM)):
     """While training: Ctrl-C (or SIGTERM, what schedulers send before SIGKILL) lets the step

@@ -484,11 +484,7 @@ def train(config, run_dir, strategy=None, lr_before=None):
         run_dir, monitor="loss", batch_size=config.batch_size,
         steps_per_epoch=config.steps_per_epoch,
         model_config={k: getattr(config, k) for k in Config.MODEL_KEYS})
-    checkpoint.restore(model)  # weights, Adam state, noise stream, position in the data
-    common.check_workers_agree(strategy, (checkpoint.epochs_done, checkpoint.steps_done),
-                               "the position to resume from (epochs, steps)")
-    if checkpoint.resumed_from:
-        common.resume_learning_rate(model, checkpoint, config.lr, lr_before)
+    common.restore_run(model, checkpoint, strategy, config.lr, lr_before)
     if checkpoint.epochs_done >= config.epochs:
         print(f"{run_dir} has already trained {checkpoint.epochs_done} of --epochs "
               f"{config.epochs}", file=sys.stderr)
@@ -499,9 +495,8 @@ def train(config, run_dir, strategy=None, lr_before=None):
         return common.image_stream(train_files, config.img_size, config.batch_size,
                                    scale_pixels, config.seed, start=images_seen)
 
-    callbacks = [common.AverageReplicaStatistics(), checkpoint,
-                 common.NonFiniteRollback(checkpoint, config.nan_patience),
-                 SampleGrids(run_dir, seed=config.seed)]
+    callbacks = common.guarded_callbacks(checkpoint, config.nan_patience) + [
+        SampleGrids(run_dir, seed=config.seed)]
     common.fit_resumable(model, stream, checkpoint, config.epochs, config.steps_per_epoch,
                          callbacks)
     return model

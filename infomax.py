@@ -775,15 +775,10 @@ def train(args):
     steps = args.steps_per_epoch or len(train_split[0]) // args.batch_size
     checkpoint = RunCheckpoint(run_dir, batch_size=args.batch_size, steps_per_epoch=steps,
                                model_config={k: getattr(args, k) for k in MODEL_KEYS})
-    checkpoint.restore(model)  # weights, Adam state, noise/permutation stream, data position
-    common.check_workers_agree(strategy, (checkpoint.epochs_done, checkpoint.steps_done),
-                               "the position to resume from (epochs, steps)")
-    if checkpoint.resumed_from:
-        common.resume_learning_rate(model, checkpoint, args.lr, before.get("lr"))
-    callbacks = [common.AverageReplicaStatistics(), checkpoint,
-                 common.NonFiniteRollback(checkpoint, args.nan_patience),
-                 keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: atomic_save_weights(
-                     model.encoder, os.path.join(run_dir, "encoder.weights.h5")))]
+    common.restore_run(model, checkpoint, strategy, args.lr, before.get("lr"))
+    save_encoder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: (
+        atomic_save_weights(model.encoder, os.path.join(run_dir, "encoder.weights.h5"))))
+    callbacks = common.guarded_callbacks(checkpoint, args.nan_patience) + [save_encoder]
     if args.monitor_knn and (train_split[1] >= 0).all() and len(test_split[0]):
         callbacks.insert(1, KnnMonitor(train_split, test_split, args.pixel_range,
                                        args.monitor_knn, args.seed))  # its numbers go to the CSV
