@@ -370,6 +370,27 @@ def build_discriminator(input_shape, name):
 
 # --------------------------------------------------------------------------- the loss
 
+def score_pairs(discriminator, left, right, perm):
+    """The discriminator's scores of the positive pairs [left, right] and of the negatives
+    [left, right[perm]], where `left` is broadcast over `right`'s positions (z next to each
+    pixel of the feature map).
+
+    The same function as concatenating, computed with less work: the first Dense layer of
+    [a, b] is a @ W_a + b @ W_b + bias, so z is multiplied once per image (not once per pixel
+    and pair), and the negatives reuse the feature map's product, gathered. That is a
+    quarter of the local discriminator's first-layer FLOPs, and no tiled copies of z.
+    """
+    first, rest = discriminator.layers[0], discriminator.layers[1:]
+    kernel_left, kernel_right = ops.split(first.kernel, [left.shape[-1]], axis=0)
+    left = ops.matmul(left, kernel_left)
+    right = ops.matmul(right, kernel_right) + first.bias
+    positives = first.activation(left + right)
+    negatives = first.activation(left + ops.take(right, perm, axis=0))
+    for layer in rest:
+        positives, negatives = layer(positives), layer(negatives)
+    return positives, negatives
+
+
 def infomax_loss(global_discriminator, local_discriminator, z, mu, logvar, local_map,
                  global_perm, local_perm, weights=(0.5, 1.5, 0.01)):
     """SPEC.md section 2:
@@ -381,14 +402,8 @@ def infomax_loss(global_discriminator, local_discriminator, z, mu, logvar, local
     negatives pair z with another image's code / feature map.
     Returns the loss, its three parts and the discriminators' accuracies (threshold 0.5).
     """
-    global_pos = global_discriminator(ops.concatenate([z, z], axis=-1))
-    global_neg = global_discriminator(ops.concatenate([z, ops.take(z, global_perm, axis=0)], axis=-1))
-
-    height, width = local_map.shape[1], local_map.shape[2]
-    z_map = ops.tile(z[:, None, None, :], (1, height, width, 1))
-    local_pos = local_discriminator(ops.concatenate([z_map, local_map], axis=-1))
-    shuffled_map = ops.take(local_map, local_perm, axis=0)
-    local_neg = local_discriminator(ops.concatenate([z_map, shuffled_map], axis=-1))
+    global_pos, global_neg = score_pairs(global_discriminator, z, z, global_perm)
+    local_pos, local_neg = score_pairs(local_discriminator, z[:, None, None, :], local_map, local_perm)
 
     global_term = -ops.mean(ops.log(global_pos + EPSILON) + ops.log(1.0 - global_neg + EPSILON))
     local_term = -ops.mean(ops.log(local_pos + EPSILON) + ops.log(1.0 - local_neg + EPSILON))

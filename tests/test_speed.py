@@ -54,6 +54,43 @@ def test_coupling_convolutions_keep_their_kernel_shapes():
     assert sorted({tuple(w.shape[:2]) for w in kernels}) == [(1, 1), (3, 3)]
 
 
+def concatenating_pairs(discriminator, left, right, perm):
+    """score_pairs as SPEC.md writes it: the discriminator on concatenated (tiled) pairs."""
+    if len(right.shape) == 4:
+        left = tf.tile(left, (1, right.shape[1], right.shape[2], 1))
+    return (discriminator(tf.concat([left, right], -1)),
+            discriminator(tf.concat([left, tf.gather(right, perm)], -1)))
+
+
+def test_infomax_pair_scores_and_gradients_equal_the_concatenation(monkeypatch):
+    """score_pairs splits the discriminators' first layer instead of concatenating: the same
+    loss and the same gradients for the discriminators, z and the feature map."""
+    import infomax
+    rng = np.random.default_rng(0)
+    batch, z_dim, size, channels = 6, 8, 4, 5   # unequal halves: a swapped split would fail
+    keras.utils.set_random_seed(4)
+    global_d = infomax.build_discriminator((2 * z_dim,), "g")
+    local_d = infomax.build_discriminator((size, size, z_dim + channels), "l")
+    z, mu, logvar = (tf.constant(rng.normal(size=(batch, z_dim)), "float32") for _ in range(3))
+    local_map = tf.constant(rng.normal(size=(batch, size, size, channels)), "float32")
+    perms = np.array([3, 0, 5, 1, 2, 4]), np.array([1, 2, 0, 4, 5, 3])
+
+    def loss_and_gradients():
+        with tf.GradientTape() as tape:
+            tape.watch([z, local_map])
+            terms = infomax.infomax_loss(global_d, local_d, z, mu, logvar, local_map, *perms)
+        sources = [z, local_map, *global_d.trainable_variables, *local_d.trainable_variables]
+        return terms, tape.gradient(terms["loss"], sources)
+
+    fast_terms, fast_grads = loss_and_gradients()
+    monkeypatch.setattr(infomax, "score_pairs", concatenating_pairs)
+    plain_terms, plain_grads = loss_and_gradients()
+    for name in fast_terms:
+        np.testing.assert_allclose(fast_terms[name], plain_terms[name], rtol=1e-5, err_msg=name)
+    for fast, plain in zip(fast_grads, plain_grads):
+        np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-6)
+
+
 def adam_run(optimizer_class, jit, steps=4):
     rng = np.random.RandomState(0)
     shapes = [(3, 3, 4, 5), (7,), ()]
