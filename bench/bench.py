@@ -20,7 +20,15 @@ What it does, in one process tree so that every ratio is taken in the same run:
    they are below the original's where it skips work (f-VAE: no zero-padding taps on the
    2x2 and 1x1 maps); "vs original" compares images/s, not FLOPs;
 4. prints one table and writes it as JSON. "vs original" is the peak-normalised speed-up
-   over the author's Keras 2 scripts: (images/s / peak) here over (images/s / peak) there.
+   over the author's Keras 2 scripts: (images/s / peak) here over (images/s / peak) there,
+   with figures of the original measured on another machine (issue 5).
+
+With `--original-src DIR` (the author's files; needs `pip install tf_keras==2.21.0`) the
+original scripts themselves are timed too, on this machine in the same run, each model
+right after ours: `bench/original.py` in a subprocess, once with TensorFlow's default
+kernels and once with oneDNN (`--original-kernels`), on random data of the same shape.
+Our images/s over the original's, "vs original (default kernels)" and "vs original (oneDNN)",
+are then the headline figures, printed in a second table.
 """
 
 import argparse
@@ -31,6 +39,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import original
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -53,6 +63,12 @@ ORIGINAL_IMAGES_PER_S = {"fvae64": 14.4, "fvae128": 4.5, "infomax_cifar10": 337,
 ORIGINAL_PEAK_GFLOPS = 245.0
 ORIGINAL_FLOPS_PER_STEP = {"fvae64": 2.84e11, "fvae128": 1.14e12, "infomax_cifar10": 2.57e10,
                            "infomax_tiny": 5.23e10}
+# --original-src: the original timed here, with TensorFlow's default kernels and with oneDNN.
+ORIGINAL_KERNELS = ("default", "onednn")
+ORIGINAL_KERNELS_LABEL = {"default": "default kernels", "onednn": "oneDNN"}
+ORIGINAL_RATIO_KEY = {"default": "vs_original_default_kernels", "onednn": "vs_original_onednn"}
+# --quick: only this original is small enough for a smoke test (it cannot be made tiny).
+ORIGINAL_QUICK_MODEL = "infomax_cifar10"
 
 
 def measure_peak(size=2048, repeats=9):
@@ -123,6 +139,61 @@ def run_one(name, steps, warmup, quick):
     }
 
 
+def fail(message):
+    """A one-line error naming the flag or path, exit 2, before anything is measured."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_original_sources(src_dir, names):
+    """Everything --original-src needs, checked before the long measurements start."""
+    if not os.path.isdir(src_dir):
+        fail(f"--original-src: {src_dir} is not a folder (git clone https://github.com/bojone/flow "
+             f"and https://github.com/bojone/infomax, and put their scripts in one folder)")
+    try:
+        for name in names:
+            prepared = original.prepare(src_dir, name)
+            if prepared.batch_size != PAPER[name][2]:
+                fail(f"--original-src: {prepared.path} trains with batch size {prepared.batch_size}, "
+                     f"this bench's {name} with {PAPER[name][2]}")
+        original.check_tf_keras()
+    except original.SourceError as error:
+        fail(str(error))
+
+
+def time_original(src_dir, name, kernels, steps, warmup):
+    """The author's script for model `name`, in a fresh process with TensorFlow's default kernels
+    (TF_ENABLE_ONEDNN_OPTS unset) or oneDNN (set to 1, as our scripts set it)."""
+    env = dict(os.environ)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if kernels == "onednn":
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    cmd = [sys.executable, os.path.abspath(original.__file__), "--src", src_dir, "--model", name,
+           "--steps", str(steps), "--warmup", str(warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"{name}: the original ({kernels} kernels) failed\n{out.stderr[-3000:]}", file=sys.stderr)
+        sys.exit(1)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_original(row, timings, quick):
+    """The original's figures next to ours; returns False if its parameter count is not ours."""
+    row["original"] = timings
+    params = {result["trainable_params"] for result in timings.values()}
+    row["original_trainable_params"] = params.pop() if len(params) == 1 else sorted(params)
+    expected = original.TRAINABLE_PARAMS[row["model"]] if quick else row["trainable_params"]
+    row["original_params_match"] = row["original_trainable_params"] == expected
+    if not row["original_params_match"]:
+        print(f"WARNING: {row['model']}: the original has {row['original_trainable_params']} trainable "
+              f"parameters, {'the paper configuration' if quick else 'ours'} {expected}: not the same "
+              f"model, the ratios compare different things", file=sys.stderr, flush=True)
+    if not quick:  # in --quick ours is a tiny configuration: no ratio
+        for kernels, result in timings.items():
+            row[ORIGINAL_RATIO_KEY[kernels]] = row["images_per_s"] / result["images_per_s"]
+    return row["original_params_match"]
+
+
 def add_ratios(row, peak, quick=False, eigen_peak=None):
     row["share_of_peak"] = row["gflops_per_s"] / peak
     if not quick:
@@ -134,6 +205,38 @@ def add_ratios(row, peak, quick=False, eigen_peak=None):
     return row
 
 
+def print_original_table(rows, kernels_timed, quick):
+    """The headline when the original was timed: its images/s against ours, same machine, same run."""
+    labels = [ORIGINAL_KERNELS_LABEL[kernels] for kernels in kernels_timed]
+    header = (["model", "batch", "images/s (ours)"]
+              + [f"original {what} ({label})" for label in labels for what in ("s/step", "images/s")]
+              + ["trainable params (original)"] + [f"vs original ({label})" for label in labels])
+    print("\nSame run, the author's scripts timed on this machine (vs original = our images/s over "
+          "the original's):")
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        times = [f"{r['original'][k]['median_step_s']:.3f} | {r['original'][k]['images_per_s']:.1f}"
+                 for k in kernels_timed]
+        reference = "the paper configuration's" if quick else "ours"
+        params = f"{r['original_trainable_params']:,}" if isinstance(r["original_trainable_params"], int) \
+            else str(r["original_trainable_params"])
+        params += f" (= {reference})" if r["original_params_match"] else f" (MISMATCH: not {reference})"
+        batches = {result["batch"] for result in r["original"].values()}
+        batch = str(r["batch"]) if batches == {r["batch"]} else f"{r['batch']} (original {batches.pop()})"
+        ratios = [f"{r[ORIGINAL_RATIO_KEY[k]]:.2f}x" if ORIGINAL_RATIO_KEY[k] in r else "n/a (--quick)"
+                  for k in kernels_timed]
+        print(f"| {r['model']} | {batch} | {r['images_per_s']:.1f} | " + " | ".join(times) + f" | {params} | "
+              + " | ".join(ratios) + " |")
+    print()
+    for k in kernels_timed:
+        setting = "TF_ENABLE_ONEDNN_OPTS unset" if k == "default" else "TF_ENABLE_ONEDNN_OPTS=1"
+        onednn = {r["original"][k]["onednn_on"] for r in rows}
+        print(f"original, {ORIGINAL_KERNELS_LABEL[k]}: {setting}, oneDNN "
+              f"{'/'.join('on' if on else 'off' for on in sorted(onednn))} in TensorFlow")
+    if quick:
+        print(f"(--quick: ours is a tiny configuration, the original the paper's, {ORIGINAL_QUICK_MODEL} only)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=sorted(PAPER), default=list(PAPER))
@@ -141,6 +244,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per model")
     parser.add_argument("--quick", action="store_true", help="tiny configurations, 3 steps (CI smoke test)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "result.json"))
+    parser.add_argument("--original-src", metavar="DIR",
+                        help="also time the author's scripts in this run: DIR holds f-VAEs.py and "
+                             "flow_layers.py (github.com/bojone/flow), infomax_cifar10.py and "
+                             "infomax_tiny_imagenet.py (github.com/bojone/infomax); needs "
+                             "pip install tf_keras==2.21.0")
+    parser.add_argument("--original-kernels", nargs="+", choices=ORIGINAL_KERNELS,
+                        default=list(ORIGINAL_KERNELS),
+                        help="time the original with TensorFlow's default kernels "
+                             "(TF_ENABLE_ONEDNN_OPTS unset) and/or oneDNN (set to 1, as our scripts "
+                             "run); default: both")
+    parser.add_argument("--original-steps", type=int, metavar="N",
+                        help="timed steps of the original (default: --steps; --quick: 1); the f-VAE "
+                             "128x128 original can take over 10 s a step")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peak", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,11 +270,25 @@ def main():
         print(json.dumps(run_one(args.worker, steps, warmup, args.quick)))
         return
 
+    original_models = []
+    if args.original_src:
+        if args.original_steps is not None and args.original_steps < 1:
+            fail(f"--original-steps: {args.original_steps}, expected at least 1")
+        original_models = [name for name in args.models if not args.quick or name == ORIGINAL_QUICK_MODEL]
+        check_original_sources(args.original_src, original_models)
+        if args.quick and not original_models:
+            print(f"--quick times only the original of {ORIGINAL_QUICK_MODEL}, not among --models", flush=True)
+    elif args.original_steps is not None:
+        fail("--original-steps needs --original-src")
+    original_kernels = list(dict.fromkeys(args.original_kernels))
+    original_steps = args.original_steps or (1 if args.quick else steps)
+    original_warmup = 1 if args.quick else warmup
+
     size = 512 if args.quick else 2048
     peak_kernels = measure_peaks(size)
     peak = max(peak_kernels.values())
     print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({peak_kernels})", flush=True)
-    rows = []
+    rows, params_match = [], True
     for name in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps),
                "--warmup", str(warmup)] + (["--quick"] if args.quick else [])
@@ -169,6 +299,14 @@ def main():
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"  {name}: {row['median_step_s']:.3f} s/step", flush=True)
+        if name in original_models:
+            timings = {}
+            for kernels in original_kernels:
+                timings[kernels] = time_original(args.original_src, name, kernels, original_steps,
+                                                 original_warmup)
+                print(f"  {name}, original, {ORIGINAL_KERNELS_LABEL[kernels]}: "
+                      f"{timings[kernels]['median_step_s']:.3f} s/step", flush=True)
+            params_match = add_original(row, timings, args.quick) and params_match
     peak_kernels_end = measure_peaks(size)
     peak_end = max(peak_kernels_end.values())
     # The peak drifts during a run (frequency, neighbours); the higher reading is what the
@@ -178,8 +316,10 @@ def main():
         add_ratios(row, reference, args.quick,
                    eigen_peak=max(peak_kernels["eigen"], peak_kernels_end["eigen"]))
 
-    header = ["model", "batch", "median s", "min s", "images/s", "FLOPs/step (vs original)", "GFLOP/s",
-              "share of peak", "vs original (peak-normalised)", "same, Eigen peak", "peak RSS GB"]
+    # With the original timed here, the issue's figures are no longer the only "original".
+    issue_figures = "vs original, issue-5 figures" if original_models else "vs original"
+    header = ["model", "batch", "median s", "min s", "images/s", f"FLOPs/step ({issue_figures})", "GFLOP/s",
+              "share of peak", f"{issue_figures} (peak-normalised)", "same, Eigen peak", "peak RSS GB"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print(f"| {r['model']} | {r['batch']} | {r['median_step_s']:.3f} | {r['min_step_s']:.3f} | "
@@ -190,13 +330,23 @@ def main():
               f"{r['peak_rss_gb']:.2f} |")
     print(f"\npeak before: {peak:.1f} GFLOP/s, after: {peak_end:.1f} GFLOP/s; "
           f"shares are of the higher, {reference:.1f}")
+    if original_models:
+        print_original_table([row for row in rows if "original" in row], original_kernels, args.quick)
     result = {"peak_gflops_start": peak, "peak_gflops_end": peak_end, "peak_gflops_reference": reference,
               "peak_gflops_by_kernels": {"start": peak_kernels, "end": peak_kernels_end},
               "quick": args.quick,
               "steps": steps, "warmup": warmup, "rows": rows}
+    if args.original_src:
+        result["original"] = {"src": os.path.abspath(args.original_src), "models": original_models,
+                              "kernels": original_kernels, "steps": original_steps,
+                              "warmup": original_warmup}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
+    if not params_match:
+        print("error: the original's trainable parameters differ from ours (see the warning above)",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

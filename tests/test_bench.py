@@ -1,17 +1,32 @@
 """The throughput benchmark runs end to end (quick mode: tiny models, few steps; no timing
-is asserted, only that every number it reports is there and sensible)."""
+is asserted, only that every number it reports is there and sensible), and so does its
+timing of the author's original scripts when they are at hand (opt-in: BENCH_ORIGINAL_SRC
+names the folder with them, and the legacy Keras 2 package tf_keras must be installed)."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "bench.py")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import original  # noqa: E402  (bench/original.py imports neither TensorFlow nor Keras)
+
+ORIGINAL_SRC = os.environ.get("BENCH_ORIGINAL_SRC")
+needs_original_src = pytest.mark.skipif(
+    not ORIGINAL_SRC, reason="set BENCH_ORIGINAL_SRC to a folder with the author's f-VAEs.py, "
+                             "flow_layers.py, infomax_cifar10.py, infomax_tiny_imagenet.py")
+needs_tf_keras = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None,
+                                    reason="tf_keras not installed (pip install tf_keras==2.21.0)")
 
 
 def test_quick_benchmark_reports_every_number(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--quick",
+    run = subprocess.run([sys.executable, BENCH, "--quick",
                           "--models", "fvae64", "infomax_cifar10", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -22,3 +37,53 @@ def test_quick_benchmark_reports_every_number(tmp_path):
         assert row["flops_per_step"] > 1e8 and row["median_step_s"] > 0 and row["loss_finite"]
         assert row["min_step_s"] <= row["median_step_s"] and row["peak_rss_gb"] > 0.1
     assert "| fvae64 |" in run.stdout
+    assert "original" not in result and "Same run" not in run.stdout
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("missing", "missing is not a folder"),
+    ("empty", "infomax_cifar10.py does not exist"),
+    ("other_version", "infomax_cifar10.py is not the version this bench knows"),
+])
+def test_bad_original_src_is_a_one_line_error_before_any_measurement(tmp_path, folder, message):
+    if folder != "missing":
+        (tmp_path / folder).mkdir()
+    if folder == "other_version":
+        (tmp_path / folder / "infomax_cifar10.py").write_text("print('another script')\n")
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, BENCH, "--models", "infomax_cifar10", "--original-src",
+                          str(tmp_path / folder), "--json", str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: --original-src") and message in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == "" and not out.exists()
+
+
+@needs_original_src
+@pytest.mark.parametrize("name", sorted(original.SCRIPTS))
+def test_every_fix_matches_the_authors_files(name):
+    prepared = original.prepare(ORIGINAL_SRC, name)
+    assert prepared.model_variable in ("vae", "model_train")
+    assert prepared.source.rstrip().endswith(".compile(optimizer=Adam(1e-4))" if name.startswith("fvae")
+                                             else ".compile(optimizer=Adam(1e-3))")
+
+
+@needs_original_src
+@needs_tf_keras
+def test_quick_benchmark_times_the_original_with_both_kernel_settings(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, BENCH, "--quick", "--models", "infomax_cifar10",
+                          "--original-src", ORIGINAL_SRC, "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["original"]["models"] == ["infomax_cifar10"]
+    row = result["rows"][0]
+    assert row["original_trainable_params"] == 2_210_818 and row["original_params_match"]
+    default, onednn = row["original"]["default"], row["original"]["onednn"]
+    assert default["TF_ENABLE_ONEDNN_OPTS"] is None and onednn["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert onednn["onednn_on"]
+    for timing in (default, onednn):
+        assert timing["batch"] == 64 and timing["median_step_s"] > 0 and timing["loss_finite"]
+    assert "vs_original_default_kernels" not in row  # ours is tiny in --quick: no ratio
+    assert "| infomax_cifar10 | 8 (original 64) |" in run.stdout and "n/a (--quick)" in run.stdout
