@@ -55,10 +55,10 @@ PAPER = {
     "infomax_cifar10": ("infomax", {"dataset": "cifar10"}, 64),
     "infomax_tiny": ("infomax", {"dataset": "tiny-imagenet"}, 100),
 }
-# The original Keras 2 scripts on TF 2.21 (legacy Keras), measured on a 2-core machine
-# whose float32 matmul peak was about 245 GFLOP/s (issue 5). Machines differ (ours has
-# measured 75 GFLOP/s), so the comparison is peak-normalised: (images/s / peak) here
-# against (images/s / 245) there.
+# The original Keras 2 scripts on TF 2.21 (legacy Keras) as issue 5 measured them, on a
+# machine whose float32 matmul peak it gives as 245 GFLOP/s. Without --original-src this is
+# the only "original", so the comparison is peak-normalised: (images/s / peak) here against
+# (images/s / 245) there.
 ORIGINAL_IMAGES_PER_S = {"fvae64": 14.4, "fvae128": 4.5, "infomax_cifar10": 337, "infomax_tiny": 247}
 ORIGINAL_PEAK_GFLOPS = 245.0
 ORIGINAL_FLOPS_PER_STEP = {"fvae64": 2.84e11, "fvae128": 1.14e12, "infomax_cifar10": 2.57e10,
@@ -140,7 +140,9 @@ def run_one(name, steps, warmup, quick):
 
 
 def fail(message):
-    """A one-line error naming the flag or path, exit 2, before anything is measured."""
+    """A one-line error naming the flag or path, exit 2, before anything is measured.
+    (common.fail does the same, but importing common imports TensorFlow, which this parent
+    process leaves to its subprocesses.)"""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -161,6 +163,15 @@ def check_original_sources(src_dir, names):
         fail(str(error))
 
 
+def run_json(cmd, what, env=None):
+    """Runs a measuring subprocess; returns the JSON of its last line, or exits 1 with its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        print(f"{what}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
+        sys.exit(1)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def time_original(src_dir, name, kernels, steps, warmup):
     """The author's script for model `name`, in a fresh process with TensorFlow's default kernels
     (TF_ENABLE_ONEDNN_OPTS unset) or oneDNN (set to 1, as our scripts set it)."""
@@ -170,11 +181,7 @@ def time_original(src_dir, name, kernels, steps, warmup):
         env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     cmd = [sys.executable, os.path.abspath(original.__file__), "--src", src_dir, "--model", name,
            "--steps", str(steps), "--warmup", str(warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        print(f"{name}: the original ({kernels} kernels) failed\n{out.stderr[-3000:]}", file=sys.stderr)
-        sys.exit(1)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_json(cmd, f"{name}: the original ({kernels} kernels)", env)
 
 
 def add_original(row, timings, quick):
@@ -292,11 +299,7 @@ def main():
     for name in args.models:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps),
                "--warmup", str(warmup)] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{name}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
-            sys.exit(1)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = run_json(cmd, name)
         rows.append(row)
         print(f"  {name}: {row['median_step_s']:.3f} s/step", flush=True)
         if name in original_models:

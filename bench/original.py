@@ -80,6 +80,8 @@ class Fix:
 
 PY3_RANDOM_SHUFFLE = Fix(r"\bK\.tf\.random_shuffle\b", "tf.random.shuffle", 1,
                          "K.tf (TensorFlow 1) is gone from Keras: TensorFlow 2's name for it")
+NO_SCIPY_MISC = Fix(r"^from scipy import misc$", "", 1,
+                    "scipy.misc (imread, imresize) is gone from SciPy; it only reads the data set")
 
 
 def fixes_for(script, img_dim=None):
@@ -88,8 +90,7 @@ def fixes_for(script, img_dim=None):
                     "Python 3: np.random.shuffle cannot shuffle a range in place")]
     if script == "f-VAEs.py":
         return [
-            Fix(r"^from scipy import misc$", "", 1,
-                "scipy.misc (imread, imresize) is gone from SciPy; it only reads CelebA-HQ"),
+            NO_SCIPY_MISC,
             Fix(r"\bmisc\.imread\(imgs\[0\]\)\.shape\[:2\]", "1024, 1024", 1,
                 "no data set read: the crop size is CelebA-HQ's 1024x1024"),
             Fix(r"^img_dim = \d+$", f"img_dim = {img_dim}", 1,
@@ -109,8 +110,7 @@ def fixes_for(script, img_dim=None):
         ]
     if script == "infomax_tiny_imagenet.py":
         return [
-            Fix(r"^from scipy import misc$", "", 1,
-                "scipy.misc (imread) is gone from SciPy; it only reads Tiny ImageNet"),
+            NO_SCIPY_MISC,
             Fix(r"^from tqdm import tqdm$", "", 1,
                 "tqdm only shows the progress of the data loading replaced below"),
             Fix(r"^x_train = np\.array\(.*$", "x_train = _bench_random_tiny_imagenet()", 1,

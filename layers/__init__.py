@@ -21,5 +21,6 @@ from layers.flow import (
     UnSqueeze,
 )
 
-__all__ = ["ActNorm", "BatchNormalization", "CondActNorm", "ConcatChannels", "CoupleWrapper", "FlowLayer", "InvConv",
-           "Permute", "Reshape", "SameConv2D", "SplitChannels", "Squeeze", "UnSqueeze"]
+__all__ = ["ActNorm", "BatchNormalization", "CondActNorm", "ConcatChannels", "CoupleWrapper",
+           "FlowLayer", "InvConv", "Permute", "Reshape", "SameConv2D", "SplitChannels", "Squeeze",
+           "UnSqueeze"]
