@@ -13,6 +13,7 @@ Sampling: z ~ N(0, T^2 I) -> v = F^-1(z) -> image = G(v), T the temperature.
     python f_vaes.py --img-size 64 --data-dir DIR --out RUN_DIR            # train (or resume)
     python f_vaes.py sample --out RUN_DIR --temperatures 1.0,0.8             # 9x9 grids
     python f_vaes.py reconstruct | interpolate | sweep | evaluate --out RUN_DIR
+    python f_vaes.py COMMAND --help                                           # its flags
 
 Bits/dim. With every constant kept (as below), the SPEC loss is an unbiased one-sample
 estimate of the negative ELBO, in nats, of the continuous density of images scaled to
@@ -46,50 +47,49 @@ import keras
 from keras import ops
 
 import common
-from common import UsageError
-from layers import (ActNorm, BatchNormalization, CondActNorm, CoupleWrapper, FlowLayer, Permute,
-                    Reshape, SameConv2D, SplitChannels, Squeeze, UnSqueeze)
+import datasets
+from common import UsageError, option
+from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
+                    SplitChannels, Squeeze, UnSqueeze)
+from speedups import BatchNormalization, FusedAdam, SameConv2D
+from training import distribute, guards
+from training.run import RunSettings, fit_run, prepare_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = {64: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_64x64"),
                 128: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_fsrnet_128x128")}
-COMMANDS = ("train", "sample", "reconstruct", "interpolate", "sweep", "evaluate")
 
 
 # =========================================================================== config
 
 @dataclasses.dataclass
-class Config:
+class Config(RunSettings):
     """Hyperparameters, named as in SPEC.md section 1 (defaults are the paper's script)."""
-    img_size: int = 128          # S; the script's default (the paper also trains 64)
-    batch_size: int = 32
-    lr: float = 1e-4             # Adam
-    epochs: int = 1000
-    steps_per_epoch: int = 1000
-    depth: int = 12              # K flow steps per level
-    level: int = 4               # L levels of the multi-scale flow
-    res_steps: int = 12          # residual steps per encoder/decoder block
-    coupling_width: int = 256    # hidden channels of the coupling NN
-    holdout: int = -1            # last N files of the sorted list kept out of training (-1: 5%)
-    seed: int = -1               # layer construction and noise (-1: drawn once, saved)
-    data_dir: str = ""
-    jit_compile: bool = False    # XLA for the training step (the CLI turns it on with a GPU)
-    nan_patience: int = 20       # non-finite steps in a row before a rollback (0: skip only)
-    sync_bn: bool = False        # batch-norm statistics over the global batch (several replicas)
+    img_size: int = option(128, "S: a multiple of 8 x 2^(level-1), e.g. 64 or 128 (the script's "
+                           "default; the paper also trains 64)")
+    data_dir: str = option("", "folder of PNG/JPEG faces, searched recursively (default: the "
+                           "shared CelebA folder for --img-size 64 or 128, if present)")
+    batch_size: int = option(32, "images per step")
+    lr: float = option(1e-4, "Adam learning rate")
+    epochs: int = option(1000, "train until this epoch")
+    steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
+    depth: int = option(12, "flow steps per level (K)")
+    level: int = option(4, "flow levels (L)")
+    res_steps: int = option(12, "residual steps per encoder/decoder block (fewer for quick runs)")
+    coupling_width: int = option(256, "hidden channels of the coupling NN (fewer for quick runs)")
+    holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
+    seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
+                       "with the run)")
 
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout")
 
 
 def check_config(c):
     """Every bad value is a one-line UsageError naming its flag, before anything is built."""
-    for name in ("batch_size", "epochs", "steps_per_epoch", "depth", "level", "coupling_width"):
-        if getattr(c, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be at least 1")
-    for name in ("res_steps", "nan_patience"):
-        if getattr(c, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(c, name)}: must be 0 or more")
-    if not (c.lr > 0 and math.isfinite(c.lr)):
-        raise UsageError(f"--lr {c.lr}: must be a positive number")
+    common.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
+                          "coupling_width")
+    common.check_at_least(c, 0, "res_steps", "nan_patience")
+    common.check_positive(c, "lr")
     multiple = 8 * 2 ** (c.level - 1)  # three encoder squeezes, then one per factor-out
     if c.img_size < multiple or c.img_size % multiple:
         raise UsageError(f"--img-size {c.img_size}: must be a positive multiple of "
@@ -332,8 +332,8 @@ class FVAE(keras.Model):
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = {name: common.AppliedMean(name=name) for name in self.LOG_NAMES}
-        self.skipped = common.SkippedSteps()
+        self.trackers = {name: guards.AppliedMean(name=name) for name in self.LOG_NAMES}
+        self.skipped = guards.SkippedSteps()
 
     @property
     def metrics(self):
@@ -344,7 +344,7 @@ class FVAE(keras.Model):
         several replicas each draws its own rows of the global batch's noise."""
         h = self.encoder(x, training=training)
         if noise is None:
-            noise = common.replica_draw(
+            noise = distribute.replica_draw(
                 lambda shape: keras.random.normal(shape, seed=self.seed_generator), ops.shape(h))
         v = ops.exp(self.log_noise_scale) * noise + h
         reconstruction = self.decoder(v, training=training)
@@ -358,17 +358,17 @@ class FVAE(keras.Model):
     def _track(self, parts, applied=True):
         for name, tracker in self.trackers.items():
             tracker.update_state(parts[name], applied)
-        return common.step_logs({metric.name: metric.result() for metric in self.metrics})
+        return distribute.step_logs({metric.name: metric.result() for metric in self.metrics})
 
     def train_step(self, x):
         """One Adam step on the mean loss, applied only if the loss and gradients are finite
         (else the step, batch-norm statistics included, is undone and counted as skipped)."""
-        statistics = common.snapshot(self.non_trainable_variables)
+        statistics = guards.snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             parts = self.loss_parts(x, training=True)
-            loss = common.replica_share(ops.mean(parts["loss"]))  # the mean over the global batch
+            loss = distribute.replica_share(ops.mean(parts["loss"]))  # the mean over the global batch
         gradients = tape.gradient(loss, self.trainable_variables)
-        applied = common.apply_if_finite(self.optimizer, loss, gradients,
+        applied = guards.apply_if_finite(self.optimizer, loss, gradients,
                                          self.trainable_variables, restore=statistics)
         self.skipped.update_state(applied)
         return self._track(parts, applied)
@@ -395,7 +395,7 @@ def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
                  config.coupling_width, config.seed, config.sync_bn, name="fvae")
-    model.compile(optimizer=common.FusedAdam(config.lr), jit_compile=config.jit_compile)
+    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
     if verbose:
@@ -464,12 +464,9 @@ def sample_images(model, n, temperature, seed=0, batch=32):
                            for i in range(0, n, batch)])
 
 
-def train(config, run_dir, strategy=None, lr_before=None):
-    """Train (or resume) the run in `run_dir`, on the devices of `strategy` (default: one
-    device). `lr_before`: the --lr of the previous command on this run, to tell a changed --lr
-    from a rate a rollback lowered."""
-    strategy = strategy or tf.distribute.get_strategy()
-    common.check_global_batch(config.batch_size, strategy)
+def train(config, out):
+    """Train (or resume) the run in `out` (config resolved by `train_config`)."""
+    run = prepare_run(config, out, Config.MODEL_KEYS)
     files = common.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
     train_files, _ = common.find_readable_images(train_files, config.img_size)
@@ -477,29 +474,18 @@ def train(config, run_dir, strategy=None, lr_before=None):
         raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the training files")
     print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
           f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
-    keras.utils.set_random_seed(config.seed)
-    with strategy.scope():  # variables, optimiser slots and metrics on every replica
-        model = build_model(config, verbose=True)
-    checkpoint = common.RunCheckpoint(
-        run_dir, monitor="loss", batch_size=config.batch_size,
-        steps_per_epoch=config.steps_per_epoch,
-        model_config={k: getattr(config, k) for k in Config.MODEL_KEYS})
-    common.restore_run(model, checkpoint, strategy, config.lr, lr_before)
-    if checkpoint.epochs_done >= config.epochs:
-        print(f"{run_dir} has already trained {checkpoint.epochs_done} of --epochs "
-              f"{config.epochs}", file=sys.stderr)
-        return model
+
+    def build():
+        keras.utils.set_random_seed(config.seed)
+        return build_model(config, verbose=True)
 
     def stream(images_seen):  # the data stream is a function of its position: resumes exactly
         # (and is the same on every worker of a cluster: each keeps its part of every batch)
-        return common.image_stream(train_files, config.img_size, config.batch_size,
-                                   scale_pixels, config.seed, start=images_seen)
+        return datasets.image_stream(train_files, config.img_size, config.batch_size,
+                                     scale_pixels, config.seed, start=images_seen)
 
-    callbacks = common.guarded_callbacks(checkpoint, config.nan_patience) + [
-        SampleGrids(run_dir, seed=config.seed)]
-    common.fit_resumable(model, stream, checkpoint, config.epochs, config.steps_per_epoch,
-                         callbacks)
-    return model
+    return fit_run(run, config, Config.MODEL_KEYS, build, stream, config.steps_per_epoch,
+                   callbacks=[SampleGrids(run.dir, seed=config.seed)])
 
 
 # =========================================================================== commands on a run
@@ -510,10 +496,9 @@ def load_run(args):
     if not args.out or not os.path.exists(path):
         raise UsageError(f"--out {args.out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
-    saved = common.read_json(path)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: v for k, v in saved.items() if k in fields})
+    config = common.config_from_json(Config, common.read_json(path))
     config.jit_compile = False
+    config.data_dir = getattr(args, "data_dir", None) or config.data_dir
     weights = os.path.join(args.out, f"{args.weights}.weights.h5")
     if not os.path.exists(weights):
         raise UsageError(f"--weights {args.weights}: {weights} does not exist yet "
@@ -601,9 +586,8 @@ def command_evaluate(args, config, model):
     if not files:
         raise UsageError("no readable image to evaluate")
     keras.utils.set_random_seed(args.seed)
-    dataset = common.image_dataset(files, config.img_size, min(config.batch_size, len(files)),
-                                   dequantise, shuffle=False, repeat=False, drop_remainder=False,
-                                   seed=args.seed)
+    dataset = datasets.image_dataset(files, config.img_size, min(config.batch_size, len(files)),
+                                     dequantise)
     results = model.evaluate(dataset, return_dict=True, verbose=0)
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
           f"(x_int + U(0,1))/256*2-1), nats per image:")
@@ -616,6 +600,14 @@ def command_evaluate(args, config, model):
 
 # =========================================================================== command line
 
+COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
+            "sample": "9x9 grids of samples at each temperature",
+            "reconstruct": "reconstructions of real images, directly and through the flow",
+            "interpolate": "interpolations in z between two and between four real images",
+            "sweep": "the same noise at a row of temperatures",
+            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images"}
+
+
 def temperature_list(text):
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
@@ -627,61 +619,44 @@ def temperature_list(text):
 
 
 def parse_args(argv=None):
-    d = Config()
-    p = common.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("command", nargs="?", default="train", choices=COMMANDS,
-                   help="train (default; resumes an existing --out) or a command on a trained run")
-    p.add_argument("--out", default=None, help="run folder (config, weights, log.csv, pictures)")
-    p.add_argument("--data-dir", default=None,
-                   help="folder of PNG/JPEG faces, searched recursively (default: the shared "
-                        "CelebA folder for --img-size 64 or 128, if present)")
-    p.add_argument("--img-size", type=int, default=d.img_size,
-                   help="S: a multiple of 8 x 2^(level-1), e.g. 64 or 128")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="train until this epoch")
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
-                   help="steps between checkpoints, sample grids and CSV lines")
-    p.add_argument("--depth", type=int, default=d.depth, help="flow steps per level (K)")
-    p.add_argument("--level", type=int, default=d.level, help="flow levels (L)")
-    p.add_argument("--res-steps", type=int, default=d.res_steps,
-                   help="residual steps per encoder/decoder block (smaller for quick runs)")
-    p.add_argument("--coupling-width", type=int, default=d.coupling_width,
-                   help="hidden channels of the coupling NN (smaller for quick runs)")
-    p.add_argument("--holdout", type=int, default=d.holdout,
-                   help="hold out the last N files (sorted) for evaluate; -1: 5%% of them")
-    p.add_argument("--seed", type=int, default=d.seed,
-                   help="seed of permutations, initial weights and noise (-1: draw one)")
-    p.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the training step with XLA (default: only when a GPU is "
-                        "visible; on CPU it compiles 50%% longer and steps no faster; never "
-                        "with --distribute)")
-    common.add_run_flags(p, nan_patience=d.nan_patience)
-    p.add_argument("--weights", choices=("best", "latest"), default="best",
-                   help="which checkpoint the commands on a run load")
-    p.add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
-                   help="sample: comma-separated temperatures T >= 0")
-    p.add_argument("--sweep", type=temperature_list,
-                   default=[round(0.1 * i, 1) for i in range(11)],
-                   help="sweep: the temperatures of the columns")
-    p.add_argument("--rows", type=int, default=9, help="rows of the command pictures")
-    p.add_argument("--cols", type=int, default=9, help="columns of the command pictures")
-    p.add_argument("--eval-dir", default=None,
-                   help="evaluate: every image of this folder instead of the run's held-out files")
-    args = p.parse_args(argv)
-    if args.rows < 1 or args.cols < 1:
-        p.error("--rows and --cols must be at least 1")
+    """The command and its flags (`f_vaes.py COMMAND --help` lists a command's own)."""
+    parser, commands = common.command_parser(__doc__, COMMANDS)
+    common.add_config_flags(commands["train"], Config)
+    commands["train"].add_argument("--out", default=None,
+                                   help="run folder (config, weights, log.csv, pictures); the "
+                                        "same --out resumes")
+    for name in COMMANDS:
+        if name == "train":
+            continue
+        flags = commands[name]
+        flags.add_argument("--out", default=None, help="the run folder")
+        flags.add_argument("--weights", choices=("best", "latest"), default="best",
+                           help="which checkpoint to load (best = lowest epoch loss)")
+        flags.add_argument("--seed", type=int, default=0, help="seed of the noise and of the "
+                           "choice of images")
+        if name in ("reconstruct", "interpolate", "evaluate"):
+            flags.add_argument("--data-dir", default=None,
+                               help="where the run's image folder is now (default: as saved)")
+        if name != "evaluate":
+            flags.add_argument("--rows", type=int, default=9, help="rows of the picture")
+        if name not in ("evaluate", "sweep"):
+            flags.add_argument("--cols", type=int, default=9, help="columns of the picture")
+    commands["sample"].add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
+                                    help="comma-separated temperatures T >= 0")
+    commands["sweep"].add_argument("--sweep", type=temperature_list,
+                                   default=[round(0.1 * i, 1) for i in range(11)],
+                                   help="the temperatures of the columns")
+    commands["evaluate"].add_argument("--eval-dir", default=None,
+                                      help="every image of this folder instead of the run's "
+                                           "held-out files")
+    args = parser.parse_args(argv)
+    common.check_at_least(args, 1, *[f for f in ("rows", "cols") if hasattr(args, f)])
     return args
 
 
 def train_config(args):
     """Config for `train`: the flags, with the data folder, hold-out and seed resolved."""
-    config = Config(img_size=args.img_size, batch_size=args.batch_size, lr=args.lr,
-                    epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, depth=args.depth,
-                    level=args.level, res_steps=args.res_steps,
-                    coupling_width=args.coupling_width, holdout=args.holdout, seed=args.seed,
-                    nan_patience=args.nan_patience, sync_bn=args.sync_bn)
+    config = common.config_from_args(Config, args)
     check_config(config)
     if not args.out:
         raise UsageError("--out is required: the run folder to write (or resume)")
@@ -700,36 +675,16 @@ def train_config(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    try:
+    def command():
+        args = parse_args(argv)
         if args.command == "train":
-            config = train_config(args)
-            strategy = common.make_strategy(args.distribute, args.devices)  # before other TF ops
-            common.check_workers_agree(strategy, config.seed, "--seed", "give every worker the "
-                                       "same --seed (the default, -1, draws one per process)")
-            run_dir = common.writable_run_dir(args.out, strategy)  # --out on the chief only
-            common.ensure_writable_dir(run_dir, "--out" if run_dir == args.out else "TMPDIR")
-            config.jit_compile = common.xla_allowed(
-                bool(tf.config.list_physical_devices("GPU")) if args.jit_compile is None
-                else args.jit_compile, args.distribute, "--jit-compile")
-            before = common.check_run_config(run_dir, dataclasses.asdict(config),
-                                             must_match=Config.MODEL_KEYS)
-            train(config, run_dir, strategy, lr_before=before.get("lr"))
-            return 0
+            train(train_config(args), args.out)
+            return
         config, model = load_run(args)
-        args.seed = max(args.seed, 0)  # pictures and evaluation: seed 0 unless given
         {"sample": command_sample, "sweep": command_sweep, "reconstruct": command_reconstruct,
          "interpolate": command_interpolate, "evaluate": command_evaluate}[args.command](
             args, config, model)
-        return 0
-    except UsageError as e:
-        common.fail(str(e))
-    except common.TrainingStopped as e:
-        common.stop(e)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing new saved
-        common.stop(common.Interrupted("nothing saved since the last save"))
+    return common.run_main(command)
 
 
 if __name__ == "__main__":

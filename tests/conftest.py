@@ -6,3 +6,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as f_vaes.py and infomax.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+import fault_hooks  # noqa: E402  (test-only NaN batches and paused saves, off unless asked)
+
+fault_hooks.install()

@@ -24,9 +24,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import common  # noqa: E402
+import training.distribute  # noqa: E402
 
-STRATEGY = common.make_strategy("mirrored", ["CPU:0", "CPU:1"])  # first: splits the CPU
+STRATEGY = training.distribute.make_strategy("mirrored", ["CPU:0", "CPU:1"])  # first: splits the CPU
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -61,7 +61,7 @@ def build_fvae():
 def build_infomax(negative_groups):
     args = infomax.parse_args(["--dataset", "folder", "--img-size", "8", "--z-dim", "8",
                                "--seed", "0", "--no-jit", "--sync-bn"])
-    model = infomax.build_model(args)
+    model = infomax.build_model(args.config)
     model.negative_groups = negative_groups
     return model
 
@@ -92,10 +92,10 @@ def compare(name, build_one, build_two, images):
 def noise_draws():
     """The noise one device draws for the global batch, and what each of two replicas draws."""
     draw = lambda generator: lambda shape: keras.random.normal(shape, seed=generator)  # noqa: E731
-    one = common.replica_draw(draw(keras.random.SeedGenerator(7)), (GLOBAL_BATCH, 3))
+    one = training.distribute.replica_draw(draw(keras.random.SeedGenerator(7)), (GLOBAL_BATCH, 3))
     with STRATEGY.scope():
         generator = keras.random.SeedGenerator(7)
-    two = STRATEGY.run(lambda: common.replica_draw(draw(generator), (GLOBAL_BATCH // 2, 3)))
+    two = STRATEGY.run(lambda: training.distribute.replica_draw(draw(generator), (GLOBAL_BATCH // 2, 3)))
     return {"noise_one": one.numpy(),
             "noise_two": np.stack([t.numpy() for t in STRATEGY.experimental_local_results(two)])}
 

@@ -11,6 +11,8 @@ import keras
 from PIL import Image
 
 import common
+import datasets
+import training.checkpoint
 
 RNG = np.random.RandomState(0)
 
@@ -60,8 +62,7 @@ def test_messy_folder_keeps_every_readable_image_and_names_the_bad_ones(tmp_path
     for path in bad:
         assert path in warned
     assert f"skipped 3 unreadable image file(s) of {len(good) + 3}" in capsys.readouterr().err
-    batch = next(iter(common.image_dataset(readable, 16, len(good), lambda x: x / 255 * 2 - 1,
-                                           shuffle=False)))
+    batch = next(iter(datasets.image_dataset(readable, 16, len(good), lambda x: x / 255 * 2 - 1)))
     assert batch.shape == (len(good), 16, 16, 3)
     assert -1.0 <= float(tf.reduce_min(batch)) and float(tf.reduce_max(batch)) <= 1.0
 
@@ -91,12 +92,14 @@ def test_dataset_scales_pixels_and_reshuffles_each_pass(tmp_path):
         p = str(tmp_path / f"{i}.png")
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(p)
         paths.append(p)
-    ds = common.image_dataset(paths, 8, 6, lambda x: x / 255 - 0.5, seed=1, labels=list(range(6)))
+    ds = datasets.image_stream(paths, 8, 6, lambda x: x / 255 - 0.5, seed=1)
     it = iter(ds)
-    images, labels = next(it)
-    np.testing.assert_allclose(images.numpy()[:, 0, 0, 0], np.asarray(labels) * 40 / 255 - 0.5, atol=1e-6)
-    orders = [tuple(next(it)[1].numpy()) for _ in range(4)]
-    assert len(set(orders + [tuple(labels.numpy())])) > 1
+    images = next(it).numpy()
+    labels = np.round((images[:, 0, 0, 0] + 0.5) * 255 / 40)  # each file's pixel value names it
+    np.testing.assert_allclose(images[:, 0, 0, 0], labels * 40 / 255 - 0.5, atol=1e-6)
+    assert sorted(labels) == list(range(6))  # one pass: every image once
+    orders = [tuple(np.round((next(it).numpy()[:, 0, 0, 0] + 0.5) * 255 / 40)) for _ in range(4)]
+    assert len(set(orders + [tuple(labels)])) > 1
 
 
 def test_grid_tiles_row_by_row_with_the_spec_pixel_mapping(tmp_path):
@@ -117,10 +120,10 @@ def test_unwritable_out_is_reported_before_any_work(tmp_path):
 
 
 def test_resumed_run_must_have_the_same_model_flags(tmp_path):
-    common.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-4}, ["img_size"])
-    common.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-5}, ["img_size"])
+    training.checkpoint.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-4}, ["img_size"])
+    training.checkpoint.check_run_config(str(tmp_path), {"img_size": 128, "lr": 1e-5}, ["img_size"])
     with pytest.raises(common.UsageError, match="saved with --img-size 128, asked for 64"):
-        common.check_run_config(str(tmp_path), {"img_size": 64, "lr": 1e-5}, ["img_size"])
+        training.checkpoint.check_run_config(str(tmp_path), {"img_size": 64, "lr": 1e-5}, ["img_size"])
 
 
 def tiny_model():
@@ -136,13 +139,13 @@ def test_run_checkpoint_resumes_with_weights_optimiser_state_and_one_csv_line_pe
     y = x.sum(1, keepdims=True)
     run = str(tmp_path)
     model = tiny_model()
-    cb = common.RunCheckpoint(run)
+    cb = training.checkpoint.RunCheckpoint(run)
     model.fit(x, y, batch_size=8, epochs=2, initial_epoch=cb.restore(model), callbacks=[cb], verbose=0)
     saved = [w.numpy() for w in model.weights]
     steps = int(model.optimizer.iterations.numpy())
 
     resumed = tiny_model()
-    cb2 = common.RunCheckpoint(run)
+    cb2 = training.checkpoint.RunCheckpoint(run)
     start = cb2.restore(resumed)
     assert start == 2
     for a, b in zip(saved, resumed.weights):
@@ -159,24 +162,24 @@ def test_run_checkpoint_resumes_with_weights_optimiser_state_and_one_csv_line_pe
 def test_resume_cuts_csv_lines_written_after_the_last_saved_epoch(tmp_path):
     x = RNG.randn(16, 3).astype("float32")
     model = tiny_model()
-    cb = common.RunCheckpoint(str(tmp_path))
+    cb = training.checkpoint.RunCheckpoint(str(tmp_path))
     model.fit(x, x[:, :1], epochs=1, callbacks=[cb], verbose=0)
     with open(tmp_path / "log.csv", "a") as f:  # a line from an epoch whose save never finished
         f.write("2,0.5\n")
-    assert common.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 1
+    assert training.checkpoint.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 1
     assert [r[0] for r in csv.reader(open(tmp_path / "log.csv"))] == ["epoch", "1"]
 
 
 def test_unreadable_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
     model = tiny_model()
-    cb = common.RunCheckpoint(str(tmp_path))
+    cb = training.checkpoint.RunCheckpoint(str(tmp_path))
     model.fit(RNG.randn(8, 3), RNG.randn(8, 1), epochs=1, callbacks=[cb], verbose=0)
     for name in ("latest.weights.h5", "best.weights.h5"):  # every save damaged: no fallback
         with open(tmp_path / name, "r+b") as f:
             f.truncate(100)
     with pytest.raises(common.UsageError, match=r"no checkpoint can be read \(.*latest.weights.h5: "
                                                 r"OSError: .*truncated"):
-        common.RunCheckpoint(str(tmp_path)).restore(tiny_model())
+        training.checkpoint.RunCheckpoint(str(tmp_path)).restore(tiny_model())
 
 
 def test_epoch_count_travels_inside_the_weights_file(tmp_path):
@@ -184,11 +187,11 @@ def test_epoch_count_travels_inside_the_weights_file(tmp_path):
     resumes at the epoch of the weights, not one behind."""
     x = RNG.randn(16, 3).astype("float32")
     model = tiny_model()
-    cb = common.RunCheckpoint(str(tmp_path))
+    cb = training.checkpoint.RunCheckpoint(str(tmp_path))
     model.fit(x, x[:, :1], epochs=2, callbacks=[cb], verbose=0)
     common.write_json(str(tmp_path / "state.json"), {"epochs_done": 1, "best": None})  # stale
-    assert common.weights_attrs(str(tmp_path / "latest.weights.h5"))["epochs_done"] == 2
-    assert common.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 2
+    assert training.checkpoint.weights_attrs(str(tmp_path / "latest.weights.h5"))["epochs_done"] == 2
+    assert training.checkpoint.RunCheckpoint(str(tmp_path)).restore(tiny_model()) == 2
 
 
 def test_unshuffled_dataset_keeps_the_file_order(tmp_path):
@@ -197,7 +200,7 @@ def test_unshuffled_dataset_keeps_the_file_order(tmp_path):
         p = str(tmp_path / f"{i:02d}.png")
         Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(p)
         paths.append(p)
-    ds = common.image_dataset(paths, 4, 40, lambda x: x, shuffle=False, repeat=False)
+    ds = datasets.image_dataset(paths, 4, 40, lambda x: x)
     np.testing.assert_allclose(next(iter(ds)).numpy()[:, 0, 0, 0], np.arange(40), atol=1e-4)
 
 
@@ -216,7 +219,7 @@ def test_resume_continues_the_models_random_stream():
     model.compile("adam", "mse")
     model.optimizer.build(model.trainable_variables)
     keras.random.normal((2,), seed=model.noise)
-    cb = common.RunCheckpoint(run)
+    cb = training.checkpoint.RunCheckpoint(run)
     cb.set_model(model)
     cb.on_epoch_end(0, {"loss": 1.0})
     expected_next = keras.random.normal((2,), seed=model.noise).numpy()
@@ -224,5 +227,5 @@ def test_resume_continues_the_models_random_stream():
     resumed = Noisy()
     resumed.compile("adam", "mse")
     resumed.optimizer.build(resumed.trainable_variables)
-    assert common.RunCheckpoint(run).restore(resumed) == 1
+    assert training.checkpoint.RunCheckpoint(run).restore(resumed) == 1
     np.testing.assert_array_equal(keras.random.normal((2,), seed=resumed.noise).numpy(), expected_next)

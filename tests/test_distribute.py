@@ -21,6 +21,11 @@ import keras
 
 from conftest import ROOT
 import common
+import datasets
+import fault_hooks
+import training.checkpoint
+import training.distribute
+import training.run
 import f_vaes
 import infomax
 
@@ -106,11 +111,11 @@ def test_one_mirrored_step_in_float32(tmp_path):
 def test_on_one_device_nothing_changes():
     generator = keras.random.SeedGenerator(4)
     expected = keras.random.normal((5, 2), seed=keras.random.SeedGenerator(4))
-    drawn = common.replica_draw(lambda shape: keras.random.normal(shape, seed=generator), (5, 2))
+    drawn = training.distribute.replica_draw(lambda shape: keras.random.normal(shape, seed=generator), (5, 2))
     np.testing.assert_array_equal(drawn, expected)
-    assert float(common.replica_share(np.float32(3.0))) == 3.0
-    assert common.step_logs({"loss": 1.0}) == {"loss": 1.0}
-    assert common.is_chief(common.make_strategy("none"))
+    assert float(training.distribute.replica_share(np.float32(3.0))) == 3.0
+    assert training.distribute.step_logs({"loss": 1.0}) == {"loss": 1.0}
+    assert training.distribute.is_chief(training.distribute.make_strategy("none"))
 
 
 def test_negatives_in_groups_pair_images_only_within_each_block():
@@ -132,10 +137,10 @@ def fake_strategy(task_type, task_id, jobs=("worker",)):
 
 
 def test_the_chief_is_task_chief_or_else_worker_0():
-    assert common.is_chief(fake_strategy("worker", 0))
-    assert not common.is_chief(fake_strategy("worker", 1))
-    assert common.is_chief(fake_strategy("chief", 0, ("chief", "worker")))
-    assert not common.is_chief(fake_strategy("worker", 0, ("chief", "worker")))
+    assert training.distribute.is_chief(fake_strategy("worker", 0))
+    assert not training.distribute.is_chief(fake_strategy("worker", 1))
+    assert training.distribute.is_chief(fake_strategy("chief", 0, ("chief", "worker")))
+    assert not training.distribute.is_chief(fake_strategy("worker", 0, ("chief", "worker")))
 
 
 def test_other_workers_write_to_a_temporary_folder_that_resumes_from_out(tmp_path):
@@ -143,7 +148,7 @@ def test_other_workers_write_to_a_temporary_folder_that_resumes_from_out(tmp_pat
     out.mkdir()
     (out / "config.json").write_text("{}")
     (out / "latest.weights.h5").write_bytes(b"chief's weights")
-    folder = common.writable_run_dir(str(out), fake_strategy("worker", 1))
+    folder = training.distribute.writable_run_dir(str(out), fake_strategy("worker", 1))
     assert folder != str(out) and os.path.isdir(folder)
     assert json.load(open(os.path.join(folder, "config.json"))) == {}
     assert open(os.path.join(folder, "latest.weights.h5"), "rb").read() == b"chief's weights"
@@ -152,23 +157,23 @@ def test_other_workers_write_to_a_temporary_folder_that_resumes_from_out(tmp_pat
     os.replace(os.path.join(folder, "new.weights.h5"), os.path.join(folder, "latest.weights.h5"))
     assert (out / "latest.weights.h5").read_bytes() == b"chief's weights"
     assert sorted(os.listdir(out)) == ["config.json", "latest.weights.h5"]
-    assert common.writable_run_dir(str(out), fake_strategy("worker", 0)) == str(out)
+    assert training.distribute.writable_run_dir(str(out), fake_strategy("worker", 0)) == str(out)
 
 
 def test_bad_distribution_flags_are_clear_errors(monkeypatch):
     with pytest.raises(common.UsageError, match="--devices"):
-        common.make_strategy("none", ["GPU:0"])
+        training.distribute.make_strategy("none", ["GPU:0"])
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(common.UsageError, match="TF_CONFIG"):
-        common.make_strategy("multiworker")
+        training.distribute.make_strategy("multiworker")
     two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
     with pytest.raises(common.UsageError, match="--batch-size 5"):
-        common.check_global_batch(5, two_replicas)
+        training.distribute.check_global_batch(5, two_replicas)
     with pytest.raises(common.UsageError, match="--batch-size 2"):
-        common.check_global_batch(2, two_replicas, per_replica_minimum=2)
-    common.check_global_batch(4, two_replicas, per_replica_minimum=2)
-    assert not common.xla_allowed(True, "mirrored", "--jit")
-    assert common.xla_allowed(True, "none", "--jit")
+        training.distribute.check_global_batch(2, two_replicas, per_replica_minimum=2)
+    training.distribute.check_global_batch(4, two_replicas, per_replica_minimum=2)
+    assert not training.distribute.xla_allowed(True, "mirrored", "--jit")
+    assert training.distribute.xla_allowed(True, "none", "--jit")
 
 
 def test_in_a_cluster_ctrl_c_saves_at_the_end_of_the_epoch(tmp_path, monkeypatch):
@@ -176,13 +181,13 @@ def test_in_a_cluster_ctrl_c_saves_at_the_end_of_the_epoch(tmp_path, monkeypatch
     mid-epoch save reads the metrics with an all-reduce that the others would never join: the
     run goes on to the end of its epoch, which every worker reaches, saves there and stops."""
     from test_faults import interrupt_at_step, regression_stream, tiny_regression
-    monkeypatch.setattr(common, "in_cluster", lambda strategy=None: True)
+    monkeypatch.setattr(training.distribute, "in_cluster", lambda strategy=None: True)
     interrupt_at_step(monkeypatch, 2)  # step 2 of epoch 1 (4 steps)
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=4)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=4)
     with pytest.raises(common.Interrupted, match="at the end of epoch 1"):
-        common.fit_resumable(model, regression_stream, checkpoint, 3, 4, [checkpoint], verbose=0)
-    attrs = common.weights_attrs(checkpoint.latest)
+        training.run.fit_resumable(model, regression_stream, checkpoint, 3, 4, [checkpoint], verbose=0)
+    attrs = training.checkpoint.weights_attrs(checkpoint.latest)
     assert (attrs["epochs_done"], attrs["steps_done"], attrs["images_seen"]) == (1, 0, 32)
     assert int(model.optimizer.iterations.numpy()) == 4
 
@@ -297,7 +302,7 @@ def test_two_workers_train_the_same_fvae_only_the_chief_writes_and_a_resume_work
     # The same command again with more epochs, --out shared by both: both resume from it.
     argv[argv.index("--epochs") + 1] = "3"
     states, printed = run_cluster("f_vaes", [chief_out, chief_out], argv + ["--nan-patience", "1"],
-                                  tmp_path, env={common.NAN_STEPS_ENV: "5"})  # epoch 3's first
+                                  tmp_path, env={fault_hooks.NAN_STEPS_ENV: "5"})  # epoch 3's first
     assert all("after epoch 2" in p for p in printed), printed
     assert all("non-finite steps in a row" in p and "rolled back to" in p for p in printed)
     assert_same_state(states)
@@ -325,7 +330,7 @@ def test_two_workers_get_complementary_halves_of_the_same_global_batches(start, 
     batch, worker 1 the second, and together they are the batch one device gets."""
     write_faces(tmp_path / "faces")
     files = sorted(str(p) for p in (tmp_path / "faces").iterdir())
-    streams = [common.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=3, start=start),
+    streams = [datasets.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=3, start=start),
                infomax.training_stream(np.arange(12 * 48, dtype="uint8").reshape(12, 4, 4, 3),
                                        4, (-1.0, 1.0), seed=3, start=start)]
     for stream in streams:

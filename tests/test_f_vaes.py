@@ -15,6 +15,8 @@ import keras
 
 from conftest import ROOT, SHARED_DATA
 import common
+import datasets
+import training.checkpoint
 import f_vaes
 from f_vaes import FVAE, Config, MultiScaleFlow, fvae_loss, general_posterior_loss
 
@@ -292,7 +294,7 @@ def test_resumed_run_continues_with_the_same_weights(tiny_run):
                                                     "--weights", "latest"]))
     saved = [w.numpy() for w in trained.weights]
     resumed = f_vaes.build_model(Config(seed=99, lr=1e-4, **TINY))  # other seed: other permutations
-    start = common.RunCheckpoint(str(run)).restore(resumed)
+    start = training.checkpoint.RunCheckpoint(str(run)).restore(resumed)
     assert start == 1 and int(resumed.optimizer.iterations.numpy()) == 3
     for a, b in zip(saved, [w.numpy() for w in resumed.weights]):
         np.testing.assert_array_equal(a, b)
@@ -357,6 +359,6 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
 def test_real_faces_load_as_the_model_expects():
     files = common.list_image_files(os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
     assert len(files) == 10000
-    batch = next(iter(common.image_dataset(files[:8], 64, 8, f_vaes.scale_pixels)))
+    batch = next(iter(datasets.image_dataset(files[:8], 64, 8, f_vaes.scale_pixels)))
     assert batch.shape == (8, 64, 64, 3)
     assert -1.0 <= float(tf.reduce_min(batch)) < -0.5 and 0.5 < float(tf.reduce_max(batch)) <= 1.0

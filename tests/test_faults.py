@@ -24,6 +24,11 @@ import keras
 
 from conftest import ROOT
 import common
+import datasets
+import fault_hooks
+import training.checkpoint
+import training.guards
+import training.run
 import f_vaes
 import infomax
 from test_common import write_messy_folder
@@ -99,7 +104,8 @@ class Training:
         self.lines = []
         self.stdout = tmp_path / f"{script}.stdout"
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, text=True,
+            [sys.executable, os.path.join(ROOT, "tests", "fault_hooks.py"), script, *argv], cwd=ROOT,
+            text=True,
             stdout=open(self.stdout, "w"), stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -151,14 +157,14 @@ def op_determinism():
 def interrupt_at_step(monkeypatch, step, signum=signal.SIGINT):
     """Send a real signal to this process at the end of the run's global training step `step`,
     as a user's Ctrl-C would arrive: the scripts' handler sees it at that step's end."""
-    original = common.RunCheckpoint.on_train_batch_end
+    original = training.checkpoint.RunCheckpoint.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):
         if self._epoch_images + (batch + 1) * self.batch_size == step * self.batch_size:
             os.kill(os.getpid(), signum)
         original(self, batch, logs)
 
-    monkeypatch.setattr(common.RunCheckpoint, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr(training.checkpoint.RunCheckpoint, "on_train_batch_end", on_train_batch_end)
 
 
 # --------------------------------------------------------------------------- non-finite steps
@@ -170,8 +176,8 @@ class TinyRegression(keras.Model):
         super().__init__()
         self.norm = keras.layers.BatchNormalization()
         self.dense = keras.layers.Dense(1)
-        self.tracker = common.AppliedMean(name="loss")
-        self.skipped = common.SkippedSteps()
+        self.tracker = training.guards.AppliedMean(name="loss")
+        self.skipped = training.guards.SkippedSteps()
 
     @property
     def metrics(self):
@@ -182,11 +188,11 @@ class TinyRegression(keras.Model):
 
     def train_step(self, data):
         x, y = data
-        statistics = common.snapshot(self.non_trainable_variables)
+        statistics = training.guards.snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             loss = keras.ops.mean(keras.ops.square(self(x, training=True) - y))
         grads = tape.gradient(loss, self.trainable_variables)
-        applied = common.apply_if_finite(self.optimizer, loss, grads, self.trainable_variables,
+        applied = training.guards.apply_if_finite(self.optimizer, loss, grads, self.trainable_variables,
                                          restore=statistics)
         self.tracker.update_state(loss, applied)
         self.skipped.update_state(applied)
@@ -206,8 +212,8 @@ def regression_stream(start=0):
     """Batches (x, y) of a fixed regression problem, through the common stream (and its NaN hook)."""
     x = RNG.randn(64, 3).astype("float32")
     data = tf.constant(np.concatenate([x, x.sum(1, keepdims=True)], 1))
-    batches = common.stream_order(64, 0, start).batch(8).map(lambda i: tf.gather(data, i))
-    return common.finish_stream(batches, first_step=start // 8).map(lambda b: (b[:, :3], b[:, 3:]))
+    batches = datasets.stream_order(64, 0, start).batch(8).map(lambda i: tf.gather(data, i))
+    return datasets.finish_stream(batches, first_step=start // 8).map(lambda b: (b[:, :3], b[:, 3:]))
 
 
 def variables_of(model):
@@ -222,15 +228,15 @@ def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
     """The batch of step 2 is NaN (injected in the input pipeline): its update is not applied -
     weights, Adam moments, the optimiser's step count and batch-norm statistics stay as they
     were - it is counted in skipped_steps, and the step after it trains normally."""
-    monkeypatch.setenv(common.NAN_STEPS_ENV, "2")
+    monkeypatch.setenv(fault_hooks.NAN_STEPS_ENV, "2")
     if which == "fvae":
         model = f_vaes.build_model(f_vaes.Config(seed=0, img_size=16, level=2, depth=1,
                                                  res_steps=1, coupling_width=8))
         files = [str(p) for p in sorted(write_faces(tmp_path / "faces").glob("*.png"))]
-        stream = common.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=0)
+        stream = datasets.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=0)
     else:  # infomax with its step compiled by XLA (the default only with a GPU)
         model = infomax.build_model(infomax.parse_args(["--dataset", "folder", "--img-size", "8",
-                                                        "--z-dim", "8", "--jit"]))
+                                                        "--z-dim", "8", "--jit"]).config)
         assert model.jit_compile
         stream = infomax.training_stream(RNG.randint(0, 256, (16, 8, 8, 3)).astype("uint8"), 4,
                                          (-1.0, 1.0), seed=0)
@@ -243,7 +249,7 @@ def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
     assert any(not np.array_equal(a, b) for a, b in zip(after_epoch[1], after_epoch[2]))
     assert logs["skipped_steps"] == [0.0, 1.0, 0.0]
     assert np.isnan(logs["loss"][1]) and np.isfinite(logs["loss"][2])  # epoch 2 applied nothing
-    assert int(model.optimizer.iterations.numpy()) == 2 and common.weights_are_finite(model)
+    assert int(model.optimizer.iterations.numpy()) == 2 and training.checkpoint.weights_are_finite(model)
 
 
 def test_repeated_non_finite_steps_roll_back_lower_the_rate_and_never_reach_a_save(tmp_path,
@@ -252,7 +258,7 @@ def test_repeated_non_finite_steps_roll_back_lower_the_rate_and_never_reach_a_sa
     best.weights.h5 and divides the learning rate by 10, logged on stderr, in events.log and
     in the CSV, and goes on; no saved file holds a NaN."""
     data, run = write_faces(tmp_path / "faces"), tmp_path / "run"
-    monkeypatch.setenv(common.NAN_STEPS_ENV, "4,5,6")
+    monkeypatch.setenv(fault_hooks.NAN_STEPS_ENV, "4,5,6")
     assert main_exit_code(f_vaes, fvae_argv(data, run, 3, "--nan-patience", "2")) == 0
     err = capsys.readouterr().err
     assert "2 non-finite steps in a row (epoch 2, step 2): rolled back to" in err
@@ -269,44 +275,44 @@ def test_repeated_non_finite_steps_roll_back_lower_the_rate_and_never_reach_a_sa
 
 def test_a_lowered_learning_rate_survives_a_resume_unless_lr_changes(tmp_path, monkeypatch,
                                                                     capsys):
-    monkeypatch.setenv(common.NAN_STEPS_ENV, "9,10")
+    monkeypatch.setenv(fault_hooks.NAN_STEPS_ENV, "9,10")
     model = tiny_regression(lr=0.01)
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
-    common.fit_resumable(model, regression_stream, checkpoint, 3, 8,
-                         [checkpoint, common.NonFiniteRollback(checkpoint, patience=2)], verbose=0)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8)
+    training.run.fit_resumable(model, regression_stream, checkpoint, 3, 8,
+                         [checkpoint, training.guards.NonFiniteRollback(checkpoint, patience=2)], verbose=0)
     assert "learning rate 0.01 -> 0.001" in capsys.readouterr().err
 
     resumed = tiny_regression(lr=0.01)
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8)
     checkpoint.restore(resumed)
-    common.resume_learning_rate(resumed, checkpoint, asked=0.01, asked_before=0.01)
+    training.run.resume_learning_rate(resumed, checkpoint, asked=0.01, asked_before=0.01)
     assert float(resumed.optimizer.learning_rate.numpy()) == pytest.approx(0.001)
     assert "keeping the saved learning rate 0.001" in capsys.readouterr().err
 
     changed = tiny_regression(lr=0.05)
     checkpoint.restore(changed)
-    common.resume_learning_rate(changed, checkpoint, asked=0.05, asked_before=0.01)
+    training.run.resume_learning_rate(changed, checkpoint, asked=0.05, asked_before=0.01)
     assert float(changed.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
     assert "--lr changed from 0.01" in capsys.readouterr().err
 
 
 def test_rollbacks_that_do_not_help_stop_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(common.NAN_STEPS_ENV, ",".join(str(s) for s in range(9, 60)))
+    monkeypatch.setenv(fault_hooks.NAN_STEPS_ENV, ",".join(str(s) for s in range(9, 60)))
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
-    rollback = common.NonFiniteRollback(checkpoint, patience=2, max_rollbacks=2)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8)
+    rollback = training.guards.NonFiniteRollback(checkpoint, patience=2, max_rollbacks=2)
     with pytest.raises(common.TrainingStopped, match="again after 2 rollbacks"):
-        common.fit_resumable(model, regression_stream, checkpoint, 10, 8,
+        training.run.fit_resumable(model, regression_stream, checkpoint, 10, 8,
                              [checkpoint, rollback], verbose=0)
     events = (tmp_path / "events.log").read_text()
     assert events.count("rolled back to") == 2 and "stopping" in events
     assert abs(float(model.optimizer.learning_rate.numpy()) - 1e-4) < 1e-9  # 0.01 / 10 / 10
-    assert common.weights_attrs(checkpoint.latest)["epochs_done"] == 1  # epoch 2 never finished
+    assert training.checkpoint.weights_attrs(checkpoint.latest)["epochs_done"] == 1  # epoch 2 never finished
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8)
     model.fit(regression_stream(), steps_per_epoch=2, epochs=1, callbacks=[checkpoint], verbose=0)
     saved = open(checkpoint.latest, "rb").read()
     model.dense.kernel.assign(np.full((3, 1), np.nan, "float32"))
@@ -331,7 +337,7 @@ def test_skip_decision_is_the_same_on_every_replica(tmp_path):
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         with strategy.scope():
             model = infomax.build_model(infomax.parse_args(
-                ["--dataset", "folder", "--img-size", "8", "--z-dim", "8", "--no-jit"]))
+                ["--dataset", "folder", "--img-size", "8", "--z-dim", "8", "--no-jit"]).config)
         images = np.random.RandomState(0).uniform(-1, 1, (3, 8, 8, 8, 3)).astype("float32")
         images[1, :4] = np.nan  # step 2: replica 0's half of the batch only
         model.fit(tf.data.Dataset.from_tensor_slices(images), epochs=1, steps_per_epoch=1, verbose=0)
@@ -358,9 +364,9 @@ def test_skip_decision_is_the_same_on_every_replica(tmp_path):
 def two_epochs(run, model_config={"img_size": 64}):
     """A run of the tiny regression with two finished epochs (latest = 2, previous = 1)."""
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(run), batch_size=8, steps_per_epoch=2,
+    checkpoint = training.checkpoint.RunCheckpoint(str(run), batch_size=8, steps_per_epoch=2,
                                       model_config=model_config)
-    common.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint], verbose=0)
+    training.run.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint], verbose=0)
     return model
 
 
@@ -374,7 +380,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_and_says_so(dama
                         "garbage": b"x" * len(content)}[damage])
 
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 64})
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 64})
     assert checkpoint.restore(model) == 1
     err = capsys.readouterr().err
     assert "latest.weights.h5 is damaged (OSError" in err
@@ -390,7 +396,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_and_says_so(dama
 
 def test_a_checkpoint_of_another_model_names_the_file_and_the_difference(tmp_path):
     two_epochs(tmp_path)
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 128})
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, model_config={"img_size": 128})
     with pytest.raises(common.UsageError, match=r"latest.weights.h5 holds another model: "
                                                 r"saved with --img-size 64, asked for 128"):
         checkpoint.restore(tiny_regression())
@@ -401,7 +407,7 @@ def test_weights_of_an_unrecorded_other_model_are_an_error_naming_each_file(tmp_
     model = tiny_regression(inputs=5)  # the files record no configuration: only loading tells
     with pytest.raises(common.UsageError, match=r"no checkpoint can be read \(.*latest.weights.h5: "
                                                 r".*previous.weights.h5: .*best.weights.h5: "):
-        common.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
+        training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".h5")) == [
         "best.weights.h5", "latest.weights.h5", "previous.weights.h5"]  # nothing set aside
 
@@ -435,13 +441,13 @@ def test_the_csv_is_one_whole_line_per_saved_epoch_after_a_kill(damage, tmp_path
         "line lost": text[: -len(last) - 1],
         "half a line": text[: -len(last) // 2 - 1],
         "lines of later epochs": text + "3,0.5,0.1,0.2\n2,0.4,0.1,0.2\n"}[damage])
-    common.RunCheckpoint(str(tmp_path), batch_size=8).restore(tiny_regression())
+    training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8).restore(tiny_regression())
     assert csv_rows(tmp_path) == expected
 
 
 def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_path, monkeypatch):
     model = tiny_regression()
-    checkpoint = common.RunCheckpoint(str(tmp_path), batch_size=8)
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8)
     model.fit(regression_stream(), steps_per_epoch=2, epochs=1, callbacks=[checkpoint], verbose=0)
     saved = open(checkpoint.latest, "rb").read()
 
@@ -484,7 +490,7 @@ def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_o
     run = tmp_path / "run"
     argv = fvae_argv(data, run, 3, "--deterministic")
 
-    killed = Training("f_vaes.py", argv, tmp_path, env={common.PAUSE_ENV: "2:60"})
+    killed = Training("f_vaes.py", argv, tmp_path, env={fault_hooks.PAUSE_ENV: "2:60"})
     try:
         killed.wait_for(lambda: killed.saw("pausing before renaming"))
         assert [n for n in os.listdir(run) if n.endswith(".tmp.weights.h5")]
@@ -492,7 +498,7 @@ def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_o
         assert killed.finish() == -signal.SIGKILL
     finally:
         killed.kill()
-    assert common.weights_attrs(run / "latest.weights.h5")["epochs_done"] == 1
+    assert training.checkpoint.weights_attrs(run / "latest.weights.h5")["epochs_done"] == 1
     assert [r[0] for r in csv_rows(run)] == ["epoch", "1"]
 
     interrupted = Training("f_vaes.py", argv, tmp_path)
@@ -505,7 +511,7 @@ def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_o
     assert interrupted.saw("left by an interrupted save") and interrupted.saw("resuming")
     assert interrupted.saw("SIGINT: saving after this step")
     assert interrupted.saw("stopped: SIGINT: saved")
-    attrs = common.weights_attrs(run / "latest.weights.h5")
+    attrs = training.checkpoint.weights_attrs(run / "latest.weights.h5")
     epochs, steps = attrs["epochs_done"], attrs["steps_done"]  # epoch 2, step 1 unless slow
     assert attrs["images_seen"] == (3 * epochs + steps) * 4 and len(csv_rows(run)) == 1 + epochs
     assert "SIGINT: saved" in (run / "events.log").read_text()
@@ -530,7 +536,7 @@ def test_infomax_stopped_by_ctrl_c_mid_epoch_resumes_to_the_same_weights(tmp_pat
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 5)
         assert main_exit_code(infomax, infomax_argv(data, interrupted, 3, "--deterministic")) == 130
-    attrs = common.weights_attrs(interrupted / "latest.weights.h5")
+    attrs = training.checkpoint.weights_attrs(interrupted / "latest.weights.h5")
     assert (attrs["epochs_done"], attrs["steps_done"]) == (1, 2)
     assert main_exit_code(infomax, infomax_argv(data, interrupted, 3, "--deterministic")) == 0
 
@@ -552,17 +558,17 @@ def test_sigkills_at_random_moments_lose_nothing_and_change_nothing(fvae_referen
     argv = fvae_argv(data, run, 3, "--deterministic")
     rng = np.random.RandomState(0)
     for attempt in range(5):
-        training = Training("f_vaes.py", argv, tmp_path)
+        child = Training("f_vaes.py", argv, tmp_path)
         try:
-            training.wait_for(lambda: training.printed("Epoch ") or training.saw("already trained"),
+            child.wait_for(lambda: child.printed("Epoch ") or child.saw("already trained"),
                               timeout=180)
             time.sleep(rng.uniform(0.0, 4.0))
-            training.process.send_signal(signal.SIGKILL)
-            training.finish()
+            child.process.send_signal(signal.SIGKILL)
+            child.finish()
         finally:
-            training.kill()
+            child.kill()
         if os.path.exists(run / "latest.weights.h5"):
-            done = common.weights_attrs(run / "latest.weights.h5")["epochs_done"]
+            done = training.checkpoint.weights_attrs(run / "latest.weights.h5")["epochs_done"]
             assert [r[0] for r in csv_rows(run)][1:done + 1] == [str(e) for e in range(1, done + 1)]
     assert main_exit_code(f_vaes, argv) == 0
     assert csv_rows(run) == csv_rows(reference)
@@ -637,12 +643,12 @@ FVAE_BAD = [
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
 ]
 INFOMAX_BAD = [
-    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-    (["--batch-size", "1"], "--batch-size must be at least 2"),
-    (["--steps-per-epoch", "-3"], "--steps-per-epoch must be at least 1, got -3"),
-    (["--img-size", "12"], "--img-size must be a power of two >= 8, got 12"),
-    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
-    (["--nan-patience", "-2"], "--nan-patience must be 0 or more, got -2"),
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--batch-size", "1"], "--batch-size 1: must be at least 2"),
+    (["--steps-per-epoch", "-3"], "--steps-per-epoch -3: must be at least 1"),
+    (["--img-size", "12"], "--img-size 12: must be a power of two >= 8"),
+    (["--lr", "-1"], "--lr -1.0: must be a positive number"),
+    (["--nan-patience", "-2"], "--nan-patience -2: must be 0 or more"),
     (["--data-dir", "{base}/missing"], "--data-dir '{base}/missing': no such folder"),
     (["--out", "{base}/a_file/run"], "--out '{base}/a_file/run': cannot write there"),
 ]
@@ -673,7 +679,7 @@ def test_a_bad_flag_or_place_is_a_one_line_error_and_overwrites_nothing(script, 
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--temperatures", "1.0,-0.5"], "temperatures must be numbers >= 0"),
     (["sweep", "--sweep", "-1"], "temperatures must be numbers >= 0"),
-    (["sample", "--rows", "0"], "--rows and --cols must be at least 1"),
+    (["sample", "--rows", "0"], "--rows 0: must be at least 1"),
 ])
 def test_a_negative_temperature_is_a_one_line_error(argv, message, existing_runs, capsys):
     assert main_exit_code(f_vaes, argv + ["--out", str(existing_runs / "run")]) == 2

@@ -15,6 +15,8 @@ import keras
 
 import infomax
 from conftest import SHARED_DATA
+import datasets
+import feature_eval
 
 CIFAR_SUBSET = os.path.join(SHARED_DATA, "cifar10-subset")
 TINY_IMAGENET = os.path.join(SHARED_DATA, "tiny-imagenet-200")
@@ -28,7 +30,7 @@ def small_model(seed=0, img_size=8, z_dim=8):
     """A one-stage model (8 px -> 4x4x256) that is quick to build and run."""
     args = infomax.parse_args(["--dataset", "folder", "--img-size", str(img_size), "--z-dim",
                                str(z_dim), "--seed", str(seed), "--no-jit"])
-    return infomax.build_model(args)
+    return infomax.build_model(args.config)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -117,7 +119,7 @@ def test_a_few_steps_lower_the_loss():
     ("cifar10", 2_210_818, 1_618_688, 1_920),
     ("tiny-imagenet", 2_228_482, 1_636_352, 1_984)])
 def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
-    model = infomax.build_model(infomax.parse_args(["--dataset", dataset, "--no-jit"]))
+    model = infomax.build_model(infomax.parse_args(["--dataset", dataset, "--no-jit"]).config)
     assert trainable(model.trainable_weights) == total
     assert trainable(infomax.feature_extractor(model.encoder).trainable_weights) == encoder
     assert trainable(model.non_trainable_weights) == bn_stats
@@ -139,7 +141,7 @@ def make_cifar_fixture(folder, rows=3, seed=0):
     batches = os.path.join(folder, "cifar-10-batches-py")
     os.makedirs(batches)
     written = {}
-    for name in infomax.CIFAR_TRAIN + infomax.CIFAR_TEST:
+    for name in datasets.CIFAR_TRAIN + datasets.CIFAR_TEST:
         images = rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, rows)
         labels[:2] = [0, 1]  # both classes of the end-to-end run appear in every batch
@@ -157,7 +159,7 @@ def test_cifar_loader_reads_the_pickle_format(tmp_path):
     assert [raw[0, 5 * 32 + 7 + plane * 1024] for plane in range(3)] == [10, 20, 30]
 
     for where in (batches, str(tmp_path)):
-        (x_train, y_train), (x_test, y_test) = infomax.load_cifar10(where)
+        (x_train, y_train), (x_test, y_test) = datasets.load_cifar10(where)
         assert x_train.shape == (15, 32, 32, 3) and x_train.dtype == np.uint8
         np.testing.assert_array_equal(x_train[:3], written["data_batch_1"][0])
         np.testing.assert_array_equal(y_train[3:6], written["data_batch_2"][1])
@@ -169,15 +171,15 @@ def test_cifar_loader_reads_the_official_tarball(tmp_path):
     tarball = str(tmp_path / "cifar-10-python.tar.gz")
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(batches, arcname="cifar-10-batches-py")
-    (x_train, _), (x_test, y_test) = infomax.load_cifar10(tarball)
+    (x_train, _), (x_test, y_test) = datasets.load_cifar10(tarball)
     assert len(x_train) == 10
     np.testing.assert_array_equal(x_test, written["test_batch"][0])
-    assert len(infomax.load_cifar10(str(tmp_path))[0][0]) == 10  # the folder holding the tarball
+    assert len(datasets.load_cifar10(str(tmp_path))[0][0]) == 10  # the folder holding the tarball
 
 
 @pytest.mark.skipif(not os.path.isdir(CIFAR_SUBSET), reason=f"{CIFAR_SUBSET} not present")
 def test_cifar_loader_reads_the_shared_subset():
-    (x_train, y_train), (x_test, y_test) = infomax.load_cifar10(CIFAR_SUBSET)
+    (x_train, y_train), (x_test, y_test) = datasets.load_cifar10(CIFAR_SUBSET)
     assert x_train.shape == (5 * 1017, 32, 32, 3) and x_test.shape == (1017, 32, 32, 3)
     assert list(x_train[0, 0, :3, 0]) == [59, 43, 50]  # data_batch_1 row 0 starts 59, 43, 50 (red)
     assert list(y_train[:10]) == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
@@ -185,13 +187,13 @@ def test_cifar_loader_reads_the_shared_subset():
 
 def test_cifar_loader_errors_name_the_flag(tmp_path):
     with pytest.raises(infomax.UsageError, match="--data-dir"):
-        infomax.load_cifar10(str(tmp_path))
+        datasets.load_cifar10(str(tmp_path))
     (tmp_path / "data_batch_1").write_bytes(b"not a pickle")
     with pytest.raises(infomax.UsageError, match="--data-dir .*not readable"):
-        infomax.load_cifar10(str(tmp_path))
+        datasets.load_cifar10(str(tmp_path))
     with mock.patch("keras.datasets.cifar10.load_data", side_effect=Exception("offline")):
         with pytest.raises(infomax.UsageError, match="pass --data-dir"):
-            infomax.load_cifar10(None)
+            datasets.load_cifar10(None)
 
 
 def make_tiny_imagenet(root, per_class=3):
@@ -218,18 +220,18 @@ def make_tiny_imagenet(root, per_class=3):
 
 def test_tiny_imagenet_loader_reads_the_official_layout(tmp_path):
     make_tiny_imagenet(tmp_path / "tiny-imagenet-200")
-    (x_train, y_train), (x_test, y_test) = infomax.load_tiny_imagenet(str(tmp_path))
+    (x_train, y_train), (x_test, y_test) = datasets.load_tiny_imagenet(str(tmp_path))
     assert x_train.shape == (7, 64, 64, 3) and x_train.dtype == np.uint8
     assert list(y_train) == [0, 0, 0, 1, 1, 1, 1] and list(y_test) == [1, 0]
     grey = x_train[6]  # n02_grey sorts last: the greyscale JPEG became three equal channels
     assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
     with pytest.raises(infomax.UsageError, match="tiny-imagenet-200 layout"):
-        infomax.load_tiny_imagenet(str(tmp_path / "tiny-imagenet-200" / "val"))
+        datasets.load_tiny_imagenet(str(tmp_path / "tiny-imagenet-200" / "val"))
 
 
 @pytest.mark.skipif(not os.path.isdir(TINY_IMAGENET), reason=f"{TINY_IMAGENET} not present")
 def test_tiny_imagenet_loader_reads_the_shared_subset():
-    (x_train, y_train), (x_test, y_test) = infomax.load_tiny_imagenet(TINY_IMAGENET)
+    (x_train, y_train), (x_test, y_test) = datasets.load_tiny_imagenet(TINY_IMAGENET)
     assert x_train.shape == (4000, 64, 64, 3) and x_test.shape == (2000, 64, 64, 3)
     assert np.bincount(y_train).tolist() == [20] * 200 and np.bincount(y_test).tolist() == [10] * 200
     assert x_train.std() > 30  # real pictures, not blanks
@@ -243,7 +245,7 @@ def test_folder_dataset_takes_classes_from_sub_folders_and_skips_bad_files(tmp_p
             iio.imwrite(tmp_path / name / f"{i}.png", rng.integers(0, 256, (12, 16), dtype=np.uint8))
     (tmp_path / "dogs" / "broken.png").write_text("not an image")
     with pytest.warns(UserWarning, match="broken.png"):
-        (x_train, y_train), (x_test, y_test) = infomax.load_folder(str(tmp_path), img_size=8)
+        (x_train, y_train), (x_test, y_test) = datasets.load_folder(str(tmp_path), img_size=8)
     assert x_train.shape == (18, 8, 8, 3) and x_test.shape == (2, 8, 8, 3)
     assert sorted(np.concatenate([y_train, y_test]).tolist()) == [0] * 10 + [1] * 10
 
@@ -258,7 +260,7 @@ def test_knn_accuracy_on_a_toy_case():
     queries, labels = at(5, 85, 19), np.array([0, 1, 0])
     # the query at 19 degrees has a class-1 nearest neighbour (20), but its next two (10, 30)
     # are class 0 and outvote it when weighted by exp(cosine / temperature)
-    result = infomax.knn_accuracy(bank, bank_labels, queries, labels, ks=(1, 3), temperature=1.0)
+    result = feature_eval.knn_accuracy(bank, bank_labels, queries, labels, ks=(1, 3), temperature=1.0)
     assert result[1] == pytest.approx(2 / 3) and result[3] == pytest.approx(1.0)
 
 

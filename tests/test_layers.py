@@ -434,7 +434,7 @@ def assert_same_outputs_and_gradients(fast, plain, x, perturbation, **call_kwarg
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (2, 1), (3, 3), (4, 4), (3, 5)])
 def test_same_conv_equals_keras_conv_with_the_same_weights(hw, kernel_size):
-    from layers import SameConv2D
+    from speedups import SameConv2D
     x = tf.constant(RNG.randn(3, *hw, 5).astype("float32"))
     fast = SameConv2D(7, kernel_size, activation="relu")
     plain = keras.layers.Conv2D(7, kernel_size, padding="same", activation="relu")
@@ -444,7 +444,7 @@ def test_same_conv_equals_keras_conv_with_the_same_weights(hw, kernel_size):
 
 
 def test_same_conv_takes_only_same_padding_stride_1():
-    from layers import SameConv2D
+    from speedups import SameConv2D
     with pytest.raises(ValueError, match="padding='same', strides 1"):
         SameConv2D(4, 3, strides=2)
 
@@ -453,7 +453,7 @@ def test_same_conv_takes_only_same_padding_stride_1():
 
 @pytest.mark.parametrize("shape", [(8, 5, 6, 7), (3, 1, 1, 4)])
 def test_fused_batch_norm_equals_keras_batch_norm(shape):
-    from layers import BatchNormalization
+    from speedups import BatchNormalization
     x = tf.constant(RNG.randn(*shape).astype("float32") * 3 + 1)
     fused, plain = BatchNormalization(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
     assert_same_outputs_and_gradients(fused, plain, x, lambda *shape: 0.3 * RNG.rand(*shape),

@@ -12,8 +12,9 @@ import keras
 
 from conftest import ROOT
 import common
+import speedups
 from f_vaes import FVAE
-from layers import SameConv2D
+from speedups import SameConv2D
 from test_f_vaes import TINY, smooth_images, tiny_model
 
 
@@ -54,14 +55,6 @@ def test_coupling_convolutions_keep_their_kernel_shapes():
     assert sorted({tuple(w.shape[:2]) for w in kernels}) == [(1, 1), (3, 3)]
 
 
-def concatenating_pairs(discriminator, left, right, perm):
-    """score_pairs as SPEC.md writes it: the discriminator on concatenated (tiled) pairs."""
-    if len(right.shape) == 4:
-        left = tf.tile(left, (1, right.shape[1], right.shape[2], 1))
-    return (discriminator(tf.concat([left, right], -1)),
-            discriminator(tf.concat([left, tf.gather(right, perm)], -1)))
-
-
 def test_infomax_pair_scores_and_gradients_equal_the_concatenation(monkeypatch):
     """score_pairs splits the discriminators' first layer instead of concatenating: the same
     loss and the same gradients for the discriminators, z and the feature map."""
@@ -83,7 +76,7 @@ def test_infomax_pair_scores_and_gradients_equal_the_concatenation(monkeypatch):
         return terms, tape.gradient(terms["loss"], sources)
 
     fast_terms, fast_grads = loss_and_gradients()
-    monkeypatch.setattr(infomax, "score_pairs", concatenating_pairs)
+    monkeypatch.setattr(infomax, "score_pairs", infomax.concatenated_scores)  # SPEC.md's form
     plain_terms, plain_grads = loss_and_gradients()
     for name in fast_terms:
         np.testing.assert_allclose(fast_terms[name], plain_terms[name], rtol=1e-5, err_msg=name)
@@ -106,7 +99,7 @@ def adam_run(optimizer_class, jit, steps=4):
 @pytest.mark.parametrize("jit", [False, True])
 def test_fused_adam_is_keras_adam(jit):
     expected = adam_run(keras.optimizers.Adam, jit=False)
-    got = adam_run(common.FusedAdam, jit=jit)
+    got = adam_run(speedups.FusedAdam, jit=jit)
     assert len(got) == len(expected)  # same state: iterations, learning rate, m and v
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -119,7 +112,7 @@ def test_fused_adam_state_loads_into_keras_adam(tmp_path):
         model.compile(optimizer=optimizer, loss="mse")
         return model
     x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
-    fused = model_with(common.FusedAdam(0.01))
+    fused = model_with(speedups.FusedAdam(0.01))
     fused.fit(x, y, epochs=2, verbose=0)
     fused.save_weights(tmp_path / "run.weights.h5")
     plain = model_with(keras.optimizers.Adam(0.01))

@@ -12,9 +12,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(out, script, *argv):
+    import fault_hooks  # the NaN steps of TEST_NAN_AT_STEPS, if set
+    fault_hooks.install()
     module = importlib.import_module(script)
     train = module.train
 

@@ -1,0 +1,233 @@
+"""The data: image folders, CIFAR-10 and Tiny ImageNet, and the training streams.
+
+Loaders return uint8 images (N, S, S, 3) and int labels (N,) (-1 when unknown), a training
+and a test split. Training streams are functions of their position (`stream_order`): the
+same seed gives the same batches, and a resumed run reads on exactly where it stopped.
+"""
+
+import glob
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import common
+from common import UsageError, load_image
+from training.distribute import shard_by_data
+
+
+# --------------------------------------------------------------------------- training streams
+
+def stream_order(count, seed, start=0):
+    """Indices 0..count-1, pass after pass, each pass a fresh permutation that depends only on
+    (seed, pass number), from position `start` (the number of items training has used).
+
+    The stream is a function of its position, not of the process: a run resumed after
+    `start` items sees exactly what an uninterrupted run saw next, and getting there costs
+    one permutation, not a replay of every earlier pass.
+    """
+    first_pass, offset = divmod(int(start), int(count))
+    seed = tf.constant(int(seed), tf.int64)
+
+    def one_pass(number):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
+                                                         seed=tf.stack([seed, number]))
+        return tf.data.Dataset.from_tensor_slices(order)
+
+    return tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass).skip(offset)
+
+
+def image_stream(files, img_size, batch_size, scale, seed, start=0):
+    """Training batches of image files in `stream_order` (reshuffled every pass, as the
+    author's stream), decoded in parallel in a fixed order, from image number `start`."""
+    paths = tf.constant(files)
+    ds = stream_order(len(files), seed, start)
+    ds = ds.map(lambda i: scale(load_image(tf.gather(paths, i), img_size)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return finish_stream(ds, first_step=int(start) // batch_size)
+
+
+def finish_stream(ds, first_step=0):
+    """Prefetch a training stream and shard it by data. `ds` yields global batches, the same
+    on every worker of a cluster: each keeps its part (`shard_by_data`). `first_step`: the
+    run's step number of the first batch (tests/fault_hooks.py poisons steps by number)."""
+    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def array_stream(images, batch_size, scale, seed, start=0):
+    """Training batches of `scale(images)` (uint8 in memory) in `stream_order`, a new
+    permutation every pass, from image number `start`: a resumed run sees what an
+    uninterrupted one would, and every worker of a cluster makes the same global batches."""
+    images = tf.constant(images)
+    order = stream_order(len(images), seed, start)
+    order = order.batch(batch_size, drop_remainder=True)  # a fixed batch size for the compiled step
+    ds = order.map(lambda i: scale(tf.gather(images, i)),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+    return finish_stream(ds, first_step=int(start) // batch_size)
+
+
+
+# --------------------------------------------------------------------------- files and arrays
+
+def image_dataset(files, img_size, batch_size, scale, labels=None):
+    """The image files in order, once, as batches (the last one may be smaller) of
+    `scale(pixels in [0, 255])` (and their labels, if given); decoded in parallel, prefetched.
+    For evaluation and encoding; training reads `image_stream`."""
+    items = (files,) if labels is None else (files, np.asarray(labels))
+
+    def decode(path, *label):
+        image = scale(load_image(path, img_size))
+        return (image, *label) if label else image
+
+    ds = tf.data.Dataset.from_tensor_slices(items)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def read_cifar_batch(f):
+    """One python-pickle CIFAR batch (protocol 2, bytes keys) -> uint8 (n, 32, 32, 3), labels."""
+    batch = pickle.load(f, encoding="bytes")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)  # rows: 1024 R, 1024 G, 1024 B, row-major
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST = ["test_batch"]
+
+
+def load_cifar10(data_dir=None):
+    """CIFAR-10 from a cifar-10-batches-py folder (or its parent), the official tarball,
+    or, without `data_dir`, Keras' own loader (which needs the network once)."""
+    if data_dir is None:
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        except Exception as e:  # noqa: BLE001 - offline, proxy, bad cache: all mean the same here
+            raise UsageError(
+                f"--dataset cifar10: Keras could not download CIFAR-10 ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); pass --data-dir with a local "
+                "cifar-10-batches-py folder or cifar-10-python.tar.gz (one can be built with "
+                "../shared/tools/cifar10_from_jpeg.py)") from None
+        return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1))
+
+    candidates = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]
+    folder = next((c for c in candidates if os.path.isfile(os.path.join(c, "data_batch_1"))), None)
+    tarball = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, "cifar-10-python.tar.gz")
+    try:
+        if folder is not None:
+            def read(names):
+                parts = []
+                for name in names:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        parts.append(read_cifar_batch(f))
+                return parts
+            train, test = read(CIFAR_TRAIN), read(CIFAR_TEST)
+        elif os.path.isfile(tarball):
+            with tarfile.open(tarball) as tar:
+                members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+                missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if n not in members]
+                if missing:
+                    raise ValueError(f"no {', '.join(missing)} inside")
+                train = [read_cifar_batch(tar.extractfile(members[n])) for n in CIFAR_TRAIN]
+                test = [read_cifar_batch(tar.extractfile(members[n])) for n in CIFAR_TEST]
+        else:
+            raise UsageError(f"--data-dir {data_dir!r}: expected a cifar-10-batches-py folder "
+                             "(data_batch_1..5, test_batch), the folder containing it, or "
+                             "cifar-10-python.tar.gz")
+    except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, tarfile.TarError) as e:
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"--data-dir {data_dir!r}: not readable as CIFAR-10 python batches "
+                         f"({type(e).__name__}: {e})") from None
+
+    def join(parts):
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return join(train), join(test)
+
+
+def decode_images(files, img_size, labels=None):
+    """Decode image files (in parallel, in order) into uint8 (N, S, S, 3); greyscale -> RGB."""
+    if not files:
+        return np.zeros((0, img_size, img_size, 3), np.uint8), np.zeros(0, np.int64)
+    index = np.arange(len(files))
+    ds = image_dataset(files, img_size, batch_size=256, scale=lambda x: x, labels=index)
+    images = np.zeros((len(files), img_size, img_size, 3), np.uint8)
+    progress = keras.utils.Progbar(len(files), unit_name="image")
+    for batch, batch_index in ds:
+        images[batch_index.numpy()] = np.round(batch.numpy()).astype(np.uint8)
+        progress.add(len(batch_index))
+    return images, (np.full(len(files), -1) if labels is None else np.asarray(labels))
+
+
+def load_tiny_imagenet(data_dir, img_size=64):
+    """Official tiny-imagenet-200 layout: train/<wnid>/images/*.JPEG, val/images with
+    val/val_annotations.txt, class order from wnids.txt (the test split has no labels)."""
+    if data_dir is None:
+        raise UsageError("--dataset tiny-imagenet needs --data-dir (the tiny-imagenet-200 folder)")
+    root = data_dir
+    if not os.path.isdir(os.path.join(root, "train")) and os.path.isdir(
+            os.path.join(root, "tiny-imagenet-200", "train")):
+        root = os.path.join(root, "tiny-imagenet-200")
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not (os.path.isdir(os.path.join(root, "train")) and os.path.isfile(annotations)):
+        raise UsageError(f"--data-dir {data_dir!r}: expected the tiny-imagenet-200 layout "
+                         "(train/<wnid>/images/*.JPEG, val/images, val/val_annotations.txt)")
+    wnids_file = os.path.join(root, "wnids.txt")
+    if os.path.isfile(wnids_file):
+        with open(wnids_file) as f:
+            wnids = [line.strip() for line in f if line.strip()]
+    else:
+        wnids = sorted(os.listdir(os.path.join(root, "train")))
+    class_of = {w: i for i, w in enumerate(wnids)}
+
+    train_files, train_labels = [], []
+    for wnid in wnids:
+        found = sorted(f for f in glob.glob(os.path.join(root, "train", wnid, "images", "*"))
+                       if f.lower().endswith((".jpeg", ".jpg", ".png")))
+        train_files += found
+        train_labels += [class_of[wnid]] * len(found)
+    test_files, test_labels = [], []
+    with open(annotations) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[1] in class_of:
+                test_files.append(os.path.join(root, "val", "images", parts[0]))
+                test_labels.append(class_of[parts[1]])
+    if not train_files:
+        raise UsageError(f"--data-dir {data_dir!r}: no images under train/<wnid>/images/")
+    return (_decode_readable(train_files, train_labels, img_size),
+            _decode_readable(test_files, test_labels, img_size))
+
+
+def _decode_readable(files, labels, img_size):
+    """Decode the files that decode; unreadable ones are named on stderr and left out."""
+    keep = set(common.find_readable_images(files, img_size)[0])
+    kept = [(f, y) for f, y in zip(files, labels) if f in keep]
+    return decode_images([f for f, _ in kept], img_size, [y for _, y in kept])
+
+
+def folder_classes(files, root):
+    """Class = first sub-folder below `root` when there are sub-folders, else -1 (no labels)."""
+    tops = [os.path.relpath(f, root).split(os.sep) for f in files]
+    if all(len(t) == 1 for t in tops):
+        return np.full(len(files), -1), []
+    names = sorted({t[0] for t in tops if len(t) > 1})
+    return np.array([names.index(t[0]) if len(t) > 1 else -1 for t in tops]), names
+
+
+def load_folder(data_dir, img_size, seed=0):
+    """Any folder of images; a seeded 10% is held out as the test split (queries, metrics)."""
+    files = common.scan_image_folder(data_dir, img_size)
+    labels, _ = folder_classes(files, data_dir)
+    order = np.random.default_rng(seed).permutation(len(files))
+    n_test = int(round(len(files) * 0.1)) if len(files) >= 10 else 0
+    test, train = order[:n_test], order[n_test:]
+    return (decode_images([files[i] for i in train], img_size, labels[train]),
+            decode_images([files[i] for i in test], img_size, labels[test]))

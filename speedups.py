@@ -1,0 +1,129 @@
+"""Faster drop-ins for three Keras pieces the models use, each equal to Keras' own:
+
+- `SameConv2D` equals `keras.layers.Conv2D(padding="same")`: the same weights and function,
+  computed as a matmul on tiny feature maps and for 1x1 kernels;
+- `BatchNormalization` equals `keras.layers.BatchNormalization`: the same variables, outputs
+  and moving statistics, with TensorFlow's fused kernel in training steps;
+- `FusedAdam` equals `keras.optimizers.Adam`: the same update and saved state, with
+  TensorFlow's fused kernel per variable.
+
+Each equality is tested in tests/test_speed.py (losses, gradients, updates) and
+tests/test_layers.py (outputs, moving statistics); README.md, Benchmark, says what each buys.
+The registered names are those the weights files were written with.
+"""
+
+import numpy as np
+import tensorflow as tf
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="flow_layers")
+class SameConv2D(keras.layers.Conv2D):
+    """`keras.layers.Conv2D(filters, kernel_size, padding="same")`, the same weights and the
+    same function, computed as one matmul when the feature map is at most (k+1)//2 pixels
+    high and wide (1x1 and 2x2 for a 3x3 kernel).
+
+    On such a map every output pixel sees every input pixel, through the kernel tap at their
+    offset, and the rest of the kernel only ever multiplies zero padding. The whole layer is
+    then `y = x.reshape(b, h*w*c_in) @ K_big`, where block (p, i) of K_big is the tap
+    `kernel[p - i + k//2]`; on a 1x1 map K_big is the centre tap. TensorFlow's CPU
+    convolution is slow on such maps (forward and backward 4-15x slower than the matmul),
+    and in f-VAEs the last flow levels and their factor-outs run on 2x2 and 1x1 maps.
+    Larger maps use the ordinary convolution, except with a 1x1 kernel, which is always a
+    matmul on the channel axis (15-30% faster forward and backward than TensorFlow's CPU
+    convolution).
+    """
+
+    def __init__(self, filters, kernel_size=3, **kwargs):
+        kwargs.setdefault("padding", "same")
+        super().__init__(filters, kernel_size, **kwargs)
+        if (self.padding != "same" or tuple(self.strides) != (1, 1)
+                or tuple(self.dilation_rate) != (1, 1) or self.groups != 1
+                or self.data_format != "channels_last"
+                or any(k % 2 == 0 for k in self.kernel_size)):
+            raise ValueError("SameConv2D needs padding='same', strides 1, dilation 1, groups 1, "
+                             f"channels_last and an odd kernel size, got {self.get_config()}")
+
+    def convolution_op(self, inputs, kernel):
+        h, w = inputs.shape[1:3]
+        kh, kw = self.kernel_size
+        if kh == kw == 1:  # a 1x1 convolution is a matmul on the channel axis, at any size
+            return ops.matmul(inputs, kernel[0, 0])
+        if h is None or w is None or h > (kh + 1) // 2 or w > (kw + 1) // 2:
+            return super().convolution_op(inputs, kernel)
+        c_in, c_out = kernel.shape[2], kernel.shape[3]
+        if h == 1 and w == 1:
+            dense = kernel[kh // 2, kw // 2]
+        else:
+            # taps[p, i]: the kernel tap linking input pixel p to output pixel i (row-major)
+            pixels = [(r, c) for r in range(h) for c in range(w)]
+            taps = np.array([[(pr - ir + kh // 2) * kw + (pc - ic + kw // 2) for ir, ic in pixels]
+                             for pr, pc in pixels], dtype="int32")
+            blocks = ops.take(ops.reshape(kernel, (kh * kw, c_in, c_out)), taps, axis=0)
+            dense = ops.reshape(ops.transpose(blocks, (0, 2, 1, 3)), (h * w * c_in, h * w * c_out))
+        outputs = ops.matmul(ops.reshape(inputs, (-1, h * w * c_in)), dense)
+        return ops.reshape(outputs, (-1, h, w, c_out))
+
+
+@keras.saving.register_keras_serializable(package="flow_layers")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """`keras.layers.BatchNormalization`, the same variables, outputs and moving statistics,
+    whose training-mode forward and backward pass on an NHWC image batch is one fused
+    TensorFlow op each (`FusedBatchNormV3` and its gradient) instead of Keras 3's ten or so
+    element-wise ops and reductions. That is 10-15% of a Deep InfoMax training step on a CPU.
+
+    The fused kernel normalises with the biased batch variance, as Keras does, but returns
+    the unbiased one (times n/(n-1)); it is scaled back so that the moving variance follows
+    Keras 3's rule. Anything else (inference, masks, `synchronized=True` across replicas,
+    renorm, other ranks or dtypes, other backends) takes Keras' own path. The class keeps
+    Keras' name so that weights files are interchangeable with `keras.layers.BatchNormalization`.
+    """
+
+    def _fused_applies(self, inputs, training, mask):
+        return (training is True and self.trainable and mask is None and not self.synchronized
+                and not self.renorm and self.center and self.scale
+                and len(inputs.shape) == 4 and self.axis in (-1, 3)
+                and inputs.dtype == "float32" and keras.backend.backend() == "tensorflow")
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused_applies(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+            inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC",
+            is_training=True)[:3]
+        shape = tf.shape(inputs)
+        count = tf.cast(shape[0] * shape[1] * shape[2], inputs.dtype)
+        variance = unbiased_variance * tf.maximum(count - 1.0, 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="common")
+class FusedAdam(keras.optimizers.Adam):
+    """`keras.optimizers.Adam`: the same update, hyperparameters and saved state (m and v),
+    with each variable updated by TensorFlow's fused Adam kernel in one pass over var, m and
+    v instead of Keras' nine element-wise ops. For the f-VAE's 96M parameters that is about
+    a third of the time of Keras' update (README.md, Benchmark). The kernel computes Keras' formula:
+    m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr sqrt(1 - b2^t) / (1 - b1^t) m /
+    (sqrt(v) + eps). Sparse gradients and amsgrad take Keras' own path. Under tf.distribute
+    Keras calls `update_step` once per device inside `distribution.extended.update`, where
+    `variable.handle` is that device's copy: each copy gets its own fused update
+    (tests/test_distribute.py compares the Adam moments with one device's).
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or not hasattr(variable, "handle"):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle,
+            v=self._velocities[index].value.handle,
+            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+            lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))

@@ -1,0 +1,155 @@
+"""Guards of a training step: a step whose loss or gradients are not finite changes
+nothing (`apply_if_finite`), the epoch's means leave it out (`AppliedMean`), it is counted
+(`SkippedSteps`), and too many in a row roll the run back to its best save with a lower
+learning rate (`NonFiniteRollback`)."""
+
+import tensorflow as tf
+import keras
+from keras import ops
+
+from common import TrainingStopped
+
+def all_finite(tensors):
+    """One boolean tensor: every value of every tensor (None skipped) is finite."""
+    return ops.all(ops.stack([ops.all(ops.isfinite(t)) for t in tensors if t is not None]))
+
+
+def snapshot(variables):
+    """(variable, value now) for the float variables a forward pass changes by itself (batch-norm
+    statistics), read before that pass, so that a skipped step can put them back."""
+    return [(v, tf.identity(v.value)) for v in variables if "float" in str(v.dtype)]
+
+
+def apply_if_finite(optimizer, loss, gradients, variables, restore=()):
+    """`optimizer.apply(gradients, variables)` only if the loss and every gradient are finite
+    on every replica; otherwise nothing changes: not the weights, not the optimiser state
+    (its step count included), and the `restore` pairs of `snapshot` are put back.
+    Returns the decision as a boolean tensor, the same on every replica.
+
+    Under tf.distribute the non-finite count is all-reduced first, so every replica (and
+    worker) takes the same branch. A `cond` in a replica context cannot hold a merge_call
+    (which `optimizer.apply` makes), so where the strategy needs merge_call the cond runs in
+    cross-replica context, as in Keras' LossScaleOptimizer._tf_apply. No host round trip:
+    the step runs unchanged on a GPU and under XLA.
+    """
+    restore = list(restore)
+    finite = all_finite([loss, *gradients])
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        non_finite = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                        1.0 - ops.cast(finite, "float32"))
+        finite = ops.equal(non_finite, 0.0)
+
+    def apply(gradients):
+        optimizer.apply(gradients, variables)
+
+    def undo(values):
+        for (variable, _), value in zip(restore, values):
+            variable.assign(value)
+
+    values = [value for _, value in restore]
+    if context is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
+        ops.cond(finite, lambda: apply(gradients), lambda: undo(values))
+    else:
+        def cross_replica(distribution, finite, gradients, values):
+            decision = distribution.experimental_local_results(finite)[0]  # equal on all
+            ops.cond(decision,
+                     lambda: distribution.extended.call_for_each_replica(apply, args=(gradients,)),
+                     lambda: distribution.extended.call_for_each_replica(undo, args=(values,)))
+
+        context.merge_call(cross_replica, args=(finite, gradients, values))
+    return finite
+
+
+class AppliedMean(keras.metrics.Mean):
+    """The epoch mean of a logged value over the steps that were applied; NaN while none was.
+    A skipped step's NaN does not poison the epoch's number, and an epoch of skipped steps
+    does not look like a loss of 0 (which would make it the best)."""
+
+    def update_state(self, values, applied=True):
+        values = ops.cast(values, self.dtype)
+        weights = ops.cast(applied, self.dtype) * ops.ones_like(values)
+        super().update_state(ops.where(applied, values, ops.zeros_like(values)),
+                             sample_weight=weights)
+
+    def result(self):
+        return ops.where(self.count > 0, ops.divide_no_nan(self.total, self.count), float("nan"))
+
+
+class SkippedSteps(keras.metrics.Metric):
+    """Steps of the epoch whose update was skipped (non-finite loss or gradients). Every
+    replica takes the same decision and counts it; a read across replicas takes the first
+    replica's count (not the sum), so each skipped step counts once under tf.distribute."""
+
+    def __init__(self, name="skipped_steps", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total",
+                                       aggregation="only_first_replica")
+
+    def update_state(self, applied):
+        self.total.assign_add(1.0 - ops.cast(applied, self.dtype))
+
+    def reset_state(self):
+        self.total.assign(0.0)
+
+    def result(self):
+        return ops.convert_to_tensor(self.total)
+
+
+class NonFiniteRollback(keras.callbacks.Callback):
+    """After `patience` non-finite (skipped) steps in a row, reload the best weights (else the
+    latest save) with their optimiser state, divide the learning rate by `factor`, and log it
+    (stderr, events.log; RunCheckpoint's CSV has a `learning_rate` column). The author's Glow did this
+    by hand. The lowered rate is in the optimiser state, so it survives a resume. After
+    `max_rollbacks` rollbacks with no new best epoch in between, the run stops
+    (TrainingStopped): lowering the rate again would not help. `patience` 0: only skip.
+    """
+
+    FACTOR = 10.0  # the learning rate is divided by this at each rollback
+
+    def __init__(self, checkpoint, patience=20, max_rollbacks=3):
+        super().__init__()
+        self.checkpoint, self.patience, self.factor = checkpoint, patience, self.FACTOR
+        self.max_rollbacks = max_rollbacks
+        self.streak, self.rollbacks, self._best_at_rollback = 0, 0, None
+        self._skipped_before = self._last_batch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._skipped_before, self._last_batch = 0.0, -1
+
+    def on_train_batch_end(self, batch, logs=None):
+        skipped = float((logs or {}).get("skipped_steps", 0.0))
+        steps = batch - self._last_batch  # more than 1 with steps_per_execution > 1
+        self.streak = self.streak + steps if skipped > self._skipped_before else 0
+        self._skipped_before, self._last_batch = skipped, batch
+        if self.patience and self.streak >= self.patience:
+            self.roll_back()
+
+    def roll_back(self):
+        if self.checkpoint.best_value != self._best_at_rollback:
+            self.rollbacks = 0  # a new best since the last rollback: that one helped
+        if self.rollbacks >= self.max_rollbacks:
+            message = (f"{self.streak} non-finite steps in a row again after {self.rollbacks} "
+                       f"rollbacks without a better epoch; stopping (the saves are intact)")
+            self.checkpoint.log_event(message, echo=False)
+            raise TrainingStopped(message)
+        learning_rate = self.model.optimizer.learning_rate
+        before = float(learning_rate.numpy())
+        source = None
+        for path in (self.checkpoint.best, self.checkpoint.latest):
+            try:
+                self.model.load_weights(path)  # weights, batch-norm statistics, Adam moments
+                source = path
+                break
+            except Exception:  # noqa: BLE001 - missing or unreadable: try the next one
+                continue
+        learning_rate.assign(before / self.factor)
+        self.rollbacks += 1
+        self._best_at_rollback = self.checkpoint.best_value
+        self.checkpoint.log_event(
+            f"{self.streak} non-finite steps in a row (epoch {self.checkpoint.epochs_done + 1}, "
+            f"step {self.checkpoint.steps_done}): "
+            + (f"rolled back to {source}" if source else "no readable save yet, kept the weights "
+               "(no step was applied since the first non-finite one)")
+            + f", learning rate {before:.3g} -> {before / self.factor:.3g}")
+        self.streak = 0
