@@ -277,9 +277,14 @@ def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0)):
     n = len(images)
     cols = cols or int(math.ceil(math.sqrt(n)))
     rows = rows or int(math.ceil(n / cols))
-    grid = image_grid(images, rows, cols, value_range)
+    return write_png(path, image_grid(images, rows, cols, value_range))
+
+
+def write_png(path, picture):
+    """Write a uint8 picture as PNG through a temporary file: a half-written PNG never
+    replaces a good one."""
     tmp = path + ".tmp.png"
-    iio.imwrite(tmp, grid)
+    iio.imwrite(tmp, picture)
     os.replace(tmp, path)
     return path
 

@@ -9,8 +9,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import (UsageError, find_readable_images, read_json, save_grid, scan_image_folder,
-                    write_json)
+from common import (UsageError, find_readable_images, image_grid, read_json, save_grid,
+                    scan_image_folder, write_json, write_png)
 from datasets import decode_images
 
 
@@ -137,6 +137,41 @@ def save_neighbour_pictures(run_dir, train_mu, test_mu, train_images, test_image
                   value_range=(0, 255))
         paths.append(path)
     return paths
+
+
+def save_neighbour_comparison(path, codes, bank_images, query_images, seed, queries=8,
+                              neighbours=5):
+    """One picture, the same `queries` random test images for every model: per row the query,
+    then for each model (`codes`: {label: (bank codes, query codes)}, left to right) its
+    `neighbours` nearest training images by cosine similarity, a white gap between blocks and
+    the labels on top; true pixels."""
+    picked = np.random.default_rng(seed).choice(len(query_images),
+                                                min(queries, len(query_images)), replace=False)
+    size = query_images.shape[1]
+    gap = np.full((1, size, size, 3), 255, np.uint8)
+    blocks = [[query_images[i:i + 1], gap] for i in picked]
+    for bank, query_codes in codes.values():
+        indices, _ = nearest(query_codes[picked], bank, neighbours, "cosine")
+        for row, found in zip(blocks, indices):
+            row += [bank_images[found], gap]
+    rows = [np.concatenate(row[:-1]) for row in blocks]
+    cols = len(rows[0])
+    grid = image_grid(np.concatenate(rows), len(rows), cols, value_range=(0, 255))
+    header = label_strip(grid.shape[1], size, [("query", 0)] + [
+        (label, (2 + k * (neighbours + 1)) * size) for k, label in enumerate(codes)])
+    write_png(path, np.concatenate([header, grid]))
+    return path
+
+
+def label_strip(width, cell, labels):
+    """A white strip of text labels (label, x offset in pixels) above a picture grid."""
+    from PIL import Image, ImageDraw  # imageio's own image library
+    height = max(12, cell // 2)
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for text, x in labels:
+        draw.text((x + 2, 1), text, fill="black")
+    return np.asarray(strip)
 
 
 def evaluate_encoder(run_dir, encoder, training_set, test_set, scale, probe_epochs=10, seed=0,

@@ -435,6 +435,74 @@ def evaluate_encoder(run_dir, encoder, config, training_set, test_set, evaluatio
                "paper": PAPER.get(config.dataset)})
 
 
+# =========================================================================== the article's experiment
+
+# Arms of the article's comparison: only the global term, only the local term, both. Each
+# keeps the configured weights of the terms it has (the author's 0.5 / 1.5 / 0.01 by default).
+ABLATION = {"global": dict(local_weight=0.0), "local": dict(global_weight=0.0), "both": {}}
+ABLATION_COLUMNS = ("knn_k1", "knn_k200_weighted", "linear_probe", "mlp_probe")
+
+
+def ablation(config, out, evaluation):
+    """The article's global-versus-local comparison: one run per arm of ABLATION in
+    `out/<arm>` (the same data, seed, initial weights and budget; each resumable as any run),
+    the randomly initialised encoder measured once (`out/random`), then one table of k-NN and
+    probe accuracies of mu and of the local map (ablation.md, .csv, .json) and one picture of
+    each arm's cosine neighbours of the same query images side by side."""
+    arms = {"baseline": False, "probe_epochs": evaluation.probe_epochs,
+            "eval_limit": evaluation.eval_limit}
+    encoders = {}
+    for arm, weights in ABLATION.items():
+        print(f"--- ablation arm {arm!r}: global {weights.get('global_weight', config.global_weight)}, "
+              f"local {weights.get('local_weight', config.local_weight)}, prior "
+              f"{config.prior_weight}", flush=True)
+        arm_config = dataclasses.replace(config, **weights)
+        encoders[arm] = train(arm_config, os.path.join(out, arm), argparse.Namespace(**arms)).encoder
+    training_set, test_set = load_data(config)
+    random_dir = common.ensure_writable_dir(os.path.join(out, "random"))
+    print("--- the randomly initialised encoder (the arms' initial weights)", flush=True)
+    encoders["random"] = random_encoder(config)
+    evaluate_encoder(random_dir, encoders["random"], config, training_set, test_set,
+                     argparse.Namespace(**arms))
+    rows = []
+    for arm in encoders:
+        metrics_path = os.path.join(out, arm, "metrics.json")
+        trained = common.read_json(metrics_path)["trained"] if os.path.exists(metrics_path) else {}
+        for feature in [f for f in ("mu", "local") if f in trained]:
+            rows.append({"model": arm, "feature": feature,
+                         **{c: round(100 * trained[feature][c], 2) for c in ABLATION_COLUMNS}})
+    write_ablation_table(out, rows, config)
+    scale = pixel_scale(config)
+    queries = test_set[0] if len(test_set[0]) else training_set[0]
+    codes = {f"{arm} only" if arm in ("global", "local") else arm:
+             (feature_eval.encode(encoder, training_set[0], scale)["mu"],
+              feature_eval.encode(encoder, queries, scale)["mu"])
+             for arm, encoder in encoders.items() if arm != "random"}
+    print(feature_eval.save_neighbour_comparison(
+        os.path.join(out, "ablation_neighbours.png"), codes, training_set[0], queries,
+        config.seed))
+    return rows
+
+
+def write_ablation_table(out, rows, config):
+    """ablation.csv and ablation.json (the rows), ablation.md (a Markdown table), printed."""
+    header = ["model", "feature", *ABLATION_COLUMNS]
+    with open(os.path.join(out, "ablation.csv"), "w") as f:
+        f.write(",".join(header) + "\n")
+        f.writelines(",".join(str(row[h]) for h in header) + "\n" for row in rows)
+    common.write_json(os.path.join(out, "ablation.json"), {
+        "rows": rows, "config": dataclasses.asdict(config),
+        "columns": "top-1 % on the test split: cosine k-NN k=1 and k=200 (votes exp(cos/0.07)), "
+                   "linear and MLP probes on frozen standardised features"})
+    lines = ["| model | feature | k-NN k=1 | k-NN k=200 | linear probe | MLP probe |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {row['model']} | {row['feature']} | "
+              + " | ".join(f"{row[c]:.2f}" for c in ABLATION_COLUMNS) + " |" for row in rows]
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 # =========================================================================== commands on a run
 
 def load_run_config(out, weights):
@@ -481,7 +549,9 @@ def search(args):
 
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
             "evaluate": "the metrics and pictures of a saved run again, without training",
-            "search": "search a folder by image with a run's encoder"}
+            "search": "search a folder by image with a run's encoder",
+            "ablation": "the article's experiment: global only, local only and both, the same "
+                        "data, seed and budget; one table and one neighbour picture"}
 
 
 def add_evaluation_flags(parser):
@@ -497,11 +567,11 @@ def add_evaluation_flags(parser):
 def parse_args(argv=None):
     """The command and its flags; for `train`, `args.config` is the resolved Config."""
     parser, commands = common.command_parser(__doc__, COMMANDS)
-    train_flags = commands["train"]
-    common.add_config_flags(train_flags, Config)
-    train_flags.add_argument("--out", default="runs/infomax",
-                             help="run folder (the same --out resumes)")
-    add_evaluation_flags(train_flags)
+    for name, out in (("train", "runs/infomax"), ("ablation", "runs/infomax-ablation")):
+        common.add_config_flags(commands[name], Config)
+        commands[name].add_argument("--out", default=out,
+                                    help="run folder (the same --out resumes)")
+        add_evaluation_flags(commands[name])
 
     evaluate_flags = commands["evaluate"]
     evaluate_flags.add_argument("--out", default="runs/infomax", help="the run folder")
@@ -523,7 +593,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     common.check_at_least(args, 1, *[f for f in ("probe_epochs", "eval_limit", "top")
                                      if hasattr(args, f)])
-    if args.command == "train":
+    if args.command in ("train", "ablation"):
         args.config = resolve(common.config_from_args(Config, args))
     return args
 
@@ -531,8 +601,8 @@ def parse_args(argv=None):
 def main(argv=None):
     def command():
         args = parse_args(argv)
-        if args.command == "train":
-            train(args.config, args.out, evaluation=args)
+        if args.command in ("train", "ablation"):
+            {"train": train, "ablation": ablation}[args.command](args.config, args.out, args)
         else:
             {"evaluate": evaluate, "search": search}[args.command](args)
     return common.run_main(command)

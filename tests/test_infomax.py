@@ -11,6 +11,7 @@ from unittest import mock
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import tensorflow as tf
 import keras
 
 import infomax
@@ -74,6 +75,29 @@ def test_loss_matches_spec_formula_computed_by_hand():
     np.testing.assert_allclose(float(terms["loss"]), expected, rtol=1e-5)
     np.testing.assert_allclose(float(terms["global_acc_pos"]), np.mean(g_pos > 0.5))
     np.testing.assert_allclose(float(terms["local_acc_neg"]), np.mean(l_neg < 0.5))
+
+
+@pytest.mark.parametrize("zeroed", ["global", "local"])
+def test_a_zero_loss_weight_removes_that_terms_gradient_from_the_encoder(zeroed):
+    """The ablation's arms: with one weight 0, the encoder's gradient is exactly the gradient
+    of the other weighted terms (computed from the same forward pass), while the zeroed term
+    alone would move the encoder."""
+    images = np.random.default_rng(1).uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
+    model = small_model(seed=2)
+    weights = {"global": 0.5, "local": 1.5, "prior": 0.01}
+    weights[zeroed] = 0.0
+    model.loss_weights_ = (weights["global"], weights["local"], weights["prior"])
+    perms = np.array([3, 0, 5, 1, 7, 2, 4, 6]), np.array([1, 2, 0, 4, 5, 3, 7, 6])
+    variables = model.encoder.trainable_variables
+    with tf.GradientTape(persistent=True) as tape:
+        terms = model.infomax_terms(images, training=True, global_perm=perms[0],
+                                    local_perm=perms[1])
+        kept = sum(w * terms[name] for name, w in weights.items() if name != zeroed)
+    for got, expected, of_zeroed in zip(tape.gradient(terms["loss"], variables),
+                                        tape.gradient(kept, variables),
+                                        tape.gradient(terms[zeroed], variables)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)
+    assert max(float(np.abs(g).max()) for g in tape.gradient(terms[zeroed], variables)) > 1e-4
 
 
 def test_permutations_are_fresh_permutations_and_rarely_the_identity():
@@ -319,6 +343,33 @@ def test_command_line_trains_writes_everything_resumes_and_searches(tmp_path, ca
     assert run_cli(*common, "--epochs", "3", "--z-dim", "64") == 2
     assert "--z-dim" in capsys.readouterr().err
     assert open(os.path.join(out, "latest.weights.h5"), "rb").read() == before
+
+
+def test_ablation_command_writes_its_table_and_picture(tmp_path, capsys):
+    """`infomax.py ablation` at a tiny size: three arms trained with the same seed and budget,
+    the random encoder measured once, one table row per model and feature, one picture."""
+    make_cifar_fixture(str(tmp_path / "data"), rows=16)
+    out = tmp_path / "ablation"
+    infomax.main(["ablation", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                  "--out", str(out), "--batch-size", "8", "--steps-per-epoch", "2",
+                  "--epochs", "1", "--monitor-knn", "0", "--probe-epochs", "1"])
+    for arm, (global_weight, local_weight) in {"global": (0.5, 0.0), "local": (0.0, 1.5),
+                                               "both": (0.5, 1.5)}.items():
+        saved = json.load(open(out / arm / "config.json"))
+        assert (saved["global_weight"], saved["local_weight"], saved["prior_weight"]) == (
+            global_weight, local_weight, 0.01)
+        assert saved["seed"] == 0 and saved["epochs"] == 1
+        assert (out / arm / "metrics.json").is_file()
+    rows = list(csv.DictReader(open(out / "ablation.csv")))
+    assert [(r["model"], r["feature"]) for r in rows] == [
+        (m, f) for m in ("global", "local", "both", "random") for f in ("mu", "local")]
+    for row in rows:
+        for column in ("knn_k1", "knn_k200_weighted", "linear_probe", "mlp_probe"):
+            assert 0.0 <= float(row[column]) <= 100.0
+    assert "| both | mu |" in (out / "ablation.md").read_text()
+    picture = iio.imread(out / "ablation_neighbours.png")
+    # 8 query rows of 32 px under a label strip; query + gap + 3 x (5 neighbours + gap) - gap
+    assert picture.shape[1] == (2 + 3 * 6 - 1) * 32 and picture.shape[0] == 8 * 32 + 16
 
 
 def test_bad_paths_exit_with_status_2_and_a_clear_message(tmp_path, capsys):
