@@ -52,6 +52,7 @@ DATASETS = {
     "tiny-imagenet": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
     "folder": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
 }
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "dim-cifar10")
 LOCAL_MAP_SIZE = 4          # the encoder pools down to a 4x4 local feature map ...
 LOCAL_CHANNELS = 256        # ... of 256 channels, whatever the image size
 DISCRIMINATOR_UNITS = 256
@@ -531,16 +532,29 @@ def evaluate(args):
     evaluate_encoder(args.out, model.encoder, config, training_set, test_set, args)
 
 
+def load_encoder(folder=PRETRAINED):
+    """(encoder, config) of a run folder's config.json and encoder.weights.h5; by default the
+    encoder shipped with the project (50 epochs on CIFAR-10, pretrained/dim-cifar10/). The
+    encoder maps model pixels to (mu, logvar, local map); `embed` takes uint8 images."""
+    if not os.path.isfile(os.path.join(folder, "encoder.weights.h5")) or not os.path.isfile(
+            os.path.join(folder, "config.json")):
+        raise UsageError(f"--out {folder!r}: no trained encoder there (expected config.json and "
+                         "encoder.weights.h5 from a training run)")
+    config, weights = load_run_config(folder, "encoder")
+    encoder = build_encoder(config.img_size, config.z_dim)
+    encoder.load_weights(weights)
+    return encoder, config
+
+
+def embed(images, encoder, config):
+    """mu of uint8 images (N, S, S, 3) at the encoder's size, in inference mode: the features."""
+    return feature_eval.encode(encoder, np.asarray(images, np.uint8), pixel_scale(config))["mu"]
+
+
 def search(args):
     """Index every image under --folder with the run's encoder; print and draw the nearest
     neighbours (by mu) of each --query image."""
-    if not os.path.isfile(os.path.join(args.out, "encoder.weights.h5")) or not os.path.isfile(
-            os.path.join(args.out, "config.json")):
-        raise UsageError(f"--out {args.out!r}: no trained encoder there (expected config.json and "
-                         "encoder.weights.h5 from a training run)")
-    config, weights = load_run_config(args.out, "encoder")
-    encoder = build_encoder(config.img_size, config.z_dim)
-    encoder.load_weights(weights)
+    encoder, config = load_encoder(args.out)
     feature_eval.search_folder(encoder, config.img_size, pixel_scale(config), args.folder,
                                args.query, args.top, args.metric, args.out)
 

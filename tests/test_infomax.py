@@ -315,6 +315,10 @@ def test_command_line_trains_writes_everything_resumes_and_searches(tmp_path, ca
     assert len(json.load(open(os.path.join(out, "mu_stats.json")))["std_per_dim"]) == 256
     encoder = infomax.build_encoder(32, 256)
     encoder.load_weights(os.path.join(out, "encoder.weights.h5"))
+    loaded, config = infomax.load_encoder(out)  # the one-call loader of a run's features
+    images = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(infomax.embed(images, loaded, config),
+                               encoder(images / 255.0 - 0.5, training=False)[0], atol=1e-5)
 
     infomax.main(common + ["--epochs", "2"])  # the same command, more epochs: resumes
     assert "resuming" in capsys.readouterr().err
