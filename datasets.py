@@ -8,6 +8,7 @@ same seed gives the same batches, and a resumed run reads on exactly where it st
 import glob
 import os
 import pickle
+import sys
 import tarfile
 
 import numpy as np
@@ -103,18 +104,32 @@ CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = ["test_batch"]
 
 
+# Where `--dataset cifar10` without --data-dir looks first: the project's data/cifar10 (the
+# README's place for it), then Keras' download cache.
+CIFAR_LOCAL = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar10"),
+               os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
+                            "datasets", "cifar-10-batches-py"))
+
+
 def load_cifar10(data_dir=None):
     """CIFAR-10 from a cifar-10-batches-py folder (or its parent), the official tarball,
-    or, without `data_dir`, Keras' own loader (which needs the network once)."""
+    or, without `data_dir`, the first of CIFAR_LOCAL that holds it, else Keras' own loader
+    (which needs the network once)."""
     if data_dir is None:
+        local = next((d for d in CIFAR_LOCAL if os.path.isfile(os.path.join(d, "data_batch_1"))
+                      or os.path.isfile(os.path.join(d, "cifar-10-batches-py", "data_batch_1"))),
+                     None)
+        if local is not None:
+            print(f"--dataset cifar10: reading {local}", file=sys.stderr)
+            return load_cifar10(local)
         try:
             (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
         except Exception as e:  # noqa: BLE001 - offline, proxy, bad cache: all mean the same here
             raise UsageError(
-                f"--dataset cifar10: Keras could not download CIFAR-10 ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); pass --data-dir with a local "
-                "cifar-10-batches-py folder or cifar-10-python.tar.gz (one can be built with "
-                "../shared/tools/cifar10_from_jpeg.py)") from None
+                f"--dataset cifar10: not in {CIFAR_LOCAL[0]} and Keras could not download it "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); build it "
+                "there with `python ../shared/tools/cifar10_from_jpeg.py data/cifar10`, or pass "
+                "--data-dir with a cifar-10-batches-py folder or cifar-10-python.tar.gz") from None
         return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1))
 
     candidates = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]

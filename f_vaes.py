@@ -34,13 +34,7 @@ import math
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
-# on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
-# 1.3-1.5x faster than the default Eigen kernels (README.md, Benchmark). Read once, at import of
-# TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
+import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
 import numpy as np
 import tensorflow as tf
 import keras
@@ -52,7 +46,7 @@ from common import UsageError, option
 from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
                     SplitChannels, Squeeze, UnSqueeze)
 from speedups import BatchNormalization, FusedAdam, SameConv2D
-from training import distribute, guards
+from training import distribute, guards, monitor
 from training.run import RunSettings, fit_run, prepare_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -438,22 +432,25 @@ def parameter_report(model):
 # =========================================================================== training
 
 class SampleGrids(keras.callbacks.Callback):
-    """After every epoch: a 9x9 grid at each temperature, from the same z noise each epoch,
-    as `samples/epoch0001_T1.0.png` and `samples_T1.0_latest.png`."""
+    """After every epoch: a 9x9 grid at each temperature (SPEC.md: 1.0 and 0.8), from the same
+    z noise each epoch, as `samples/epoch0001_T1.0.png`, `samples_T1.0_latest.png` and a
+    TensorBoard image."""
 
-    def __init__(self, run_dir, temperatures=(1.0, 0.8), rows=9, cols=9, seed=0):
+    TEMPERATURES, ROWS, COLS = (1.0, 0.8), 9, 9
+
+    def __init__(self, run_dir, seed=0):
         super().__init__()
-        self.run_dir, self.temperatures, self.rows, self.cols = run_dir, temperatures, rows, cols
-        self.seed = seed
+        self.run_dir, self.seed = run_dir, seed
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        for t in self.temperatures:
-            images = sample_images(self.model, self.rows * self.cols, t, self.seed)
-            common.save_grid(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
-                             images, self.rows, self.cols)
-            common.save_grid(os.path.join(self.run_dir, f"samples_T{t}_latest.png"),
-                             images, self.rows, self.cols)
+        for t in self.TEMPERATURES:
+            images = sample_images(self.model, self.ROWS * self.COLS, t, self.seed)
+            grid = common.image_grid(images, self.ROWS, self.COLS)
+            common.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
+                             grid)
+            common.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid)
+            monitor.log_picture(self.run_dir, f"samples_T{t}", grid, epoch + 1)
 
 
 def sample_images(model, n, temperature, seed=0, batch=32):
@@ -624,7 +621,7 @@ def parse_args(argv=None):
     common.add_config_flags(commands["train"], Config)
     commands["train"].add_argument("--out", default=None,
                                    help="run folder (config, weights, log.csv, pictures); the "
-                                        "same --out resumes")
+                                        "same --out resumes (default: runs/fvae<img-size>)")
     for name in COMMANDS:
         if name == "train":
             continue
@@ -658,15 +655,16 @@ def train_config(args):
     """Config for `train`: the flags, with the data folder, hold-out and seed resolved."""
     config = common.config_from_args(Config, args)
     check_config(config)
-    if not args.out:
-        raise UsageError("--out is required: the run folder to write (or resume)")
+    args.out = args.out or os.path.join("runs", f"fvae{config.img_size}")
     saved_path = os.path.join(args.out, "config.json")
     saved = common.read_json(saved_path) if os.path.exists(saved_path) else {}
-    data_dir = args.data_dir or saved.get("data_dir") or DEFAULT_DATA.get(args.img_size)
+    data_dir = (args.data_dir or saved.get("data_dir")
+                or (os.path.relpath(DEFAULT_DATA[args.img_size]) if args.img_size in DEFAULT_DATA
+                    else None))
     if not data_dir or not os.path.isdir(data_dir):
         raise UsageError(f"--data-dir {args.data_dir or data_dir!r}: no such folder (give "
                          "--data-dir, a folder of PNG/JPEG images)")
-    config.data_dir = os.path.abspath(data_dir)
+    config.data_dir = data_dir  # as given: a run folder holds no absolute path (--data-dir moves it)
     if config.holdout < 0:
         config.holdout = saved.get("holdout", len(common.list_image_files(config.data_dir)) // 20)
     if config.seed < 0:

@@ -23,13 +23,8 @@ import dataclasses
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs are on by default only
-# on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these models' training steps
-# 1.3-1.5x faster than the default Eigen kernels (README.md, Benchmark). Read once, at import of
-# TensorFlow; no effect on GPUs. TF_ENABLE_ONEDNN_OPTS=0 turns them off.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
+import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
+import imageio.v3 as iio
 import numpy as np
 import tensorflow as tf
 import keras
@@ -40,7 +35,7 @@ import datasets
 import feature_eval
 from common import UsageError, option
 from speedups import BatchNormalization, FusedAdam
-from training import distribute, guards
+from training import distribute, guards, monitor
 from training.checkpoint import atomic_save_weights
 from training.run import RunSettings, fit_run, prepare_run
 
@@ -354,7 +349,7 @@ def benchmark_setup(dataset="cifar10", batch_size=64, quick=False):
     """For bench/bench.py: the model of `dataset` at SPEC.md's size, compiled as for training,
     and one batch of random images in the model's pixel range (batch 8 with `quick`)."""
     config = resolve(Config(dataset=dataset, batch_size=8 if quick else batch_size))
-    config.jit_compile = bool(tf.config.list_physical_devices("GPU"))
+    config.jit_compile = bool(tf_setup.visible_gpus())
     model = build_model(config)
     shape = (config.batch_size, config.img_size, config.img_size, 3)
     images = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
@@ -419,6 +414,10 @@ def train(config, out, evaluation):
                     callbacks=[SaveEncoder(run.dir)])
     if distribute.is_chief(run.strategy):
         evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
+        for metric in ("cosine", "euclidean"):
+            picture = os.path.join(run.dir, f"neighbours_{metric}.png")
+            monitor.log_picture(run.dir, f"neighbours_{metric}", iio.imread(picture),
+                                int(model.optimizer.iterations.numpy()))
     else:
         print("the chief evaluates the encoder and writes the pictures")
     distribute.wait_for_all_workers(run.strategy)

@@ -14,11 +14,14 @@ import sys
 
 import tensorflow as tf
 
+import tf_setup
+
 from common import Interrupted, ensure_writable_dir, option
 from training.checkpoint import RunCheckpoint, check_run_config
 from training.distribute import (DISTRIBUTE, AverageReplicaStatistics, check_global_batch,
                                  check_workers_agree, device_list, make_strategy,
                                  writable_run_dir, xla_allowed)
+from training import monitor
 from training.guards import NonFiniteRollback
 
 
@@ -38,6 +41,8 @@ class RunSettings:
     nan_patience: int = option(20, "non-finite (skipped) steps in a row before rolling back to "
                                "the best weights and dividing the learning rate by 10 (0: only "
                                "skip them)")
+    log_every: int = option(100, "every N steps: the running means to TensorBoard and, when the "
+                            "output is not a terminal, as a line of text (0: off)", metavar="N")
     deterministic: bool = option(False, "TensorFlow op determinism: the same seed and flags give "
                                  "the same weights, also across an interruption and resume "
                                  "(slower on a GPU)")
@@ -66,7 +71,7 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(config.distribute, config.devices)
     check_workers_agree(strategy, config.seed, "--seed", "give every worker the same --seed")
-    wanted = (bool(tf.config.list_physical_devices("GPU")) if config.jit_compile is None
+    wanted = (bool(tf_setup.visible_gpus()) if config.jit_compile is None
               else config.jit_compile)
     config.jit_compile = xla_allowed(wanted, config.distribute, "--jit-compile")
     run_dir = writable_run_dir(out, strategy)  # --out on the chief only
@@ -99,7 +104,8 @@ def fit_run(run, config, model_keys, build_model, stream, steps_per_epoch, monit
               f"{config.epochs}", file=sys.stderr)
         return model
     callbacks = [AverageReplicaStatistics(), *monitors, checkpoint,
-                 NonFiniteRollback(checkpoint, config.nan_patience), *callbacks]
+                 NonFiniteRollback(checkpoint, config.nan_patience),
+                 *monitor.callbacks(run.dir, config.log_every), *callbacks]
     fit_resumable(model, stream, checkpoint, config.epochs, steps_per_epoch, callbacks)
     return model
 
@@ -150,6 +156,9 @@ def fit_resumable(model, stream, checkpoint, epochs, steps_per_epoch, callbacks,
     that reads its position.
     """
     fit_kwargs.setdefault("shuffle", False)  # the stream shuffles itself
+    # a progress bar on a terminal; in a file (nohup, a scheduler) a line per epoch, and the
+    # StepScalars lines in between, instead of a bar redrawn into one endless line
+    fit_kwargs.setdefault("verbose", 1 if monitor.interactive() else 2)
     with save_on_signals(checkpoint):
         if checkpoint.steps_done and checkpoint.epochs_done < epochs:
             epoch = checkpoint.epochs_done
