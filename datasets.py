@@ -174,7 +174,8 @@ def decode_images(files, img_size, labels=None):
     index = np.arange(len(files))
     ds = image_dataset(files, img_size, batch_size=256, scale=lambda x: x, labels=index)
     images = np.zeros((len(files), img_size, img_size, 3), np.uint8)
-    progress = keras.utils.Progbar(len(files), unit_name="image")
+    progress = keras.utils.Progbar(len(files), unit_name="image",
+                                   verbose=1 if sys.stdout.isatty() else 0)  # no bar in a file
     for batch, batch_index in ds:
         images[batch_index.numpy()] = np.round(batch.numpy()).astype(np.uint8)
         progress.add(len(batch_index))

@@ -384,6 +384,39 @@ class FVAE(keras.Model):
         """G(E(x)), the author's reconstruction (posterior mean, no flow)."""
         return self.decoder(self.encoder(x, training=False), training=False)
 
+    # ----------------------------------------------------------------------- for notebooks
+    # Images in and out are uint8 (N, S, S, 3), as read from files and as shown.
+
+    @classmethod
+    def from_run(cls, out, weights="best"):
+        """The trained model of a run folder (`best` or `latest` weights), in one call."""
+        return load_run(argparse.Namespace(out=out, weights=weights))[1]
+
+    def sample(self, n, temperature=1.0, seed=0):
+        """n images G(F^-1(z)), z ~ N(0, T^2 I) from numpy's seed, as uint8."""
+        return common.to_uint8(sample_images(self, n, temperature, seed))
+
+    def encode(self, images, batch=32):
+        """z = F(E(x)) of uint8 images (the posterior mean's flow latent), (N, S*S*3)."""
+        x = scale_pixels(np.asarray(images, np.float32))
+        return np.concatenate([ops.convert_to_numpy(self.latent(x[i:i + batch]))
+                               for i in range(0, len(x), batch)])
+
+    def decode(self, z, batch=32):
+        """Images G(F^-1(z)) of flow latents z, as uint8."""
+        z = np.asarray(z, np.float32)
+        return common.to_uint8(np.concatenate([ops.convert_to_numpy(self.generate(z[i:i + batch]))
+                                               for i in range(0, len(z), batch)]))
+
+    def bits_per_dim(self, images, seed=0, batch=32):
+        """Per image: the bound of `evaluate` in bits/dim (dequantised (x_int + U(0, 1)) / 256,
+        one posterior draw u), for uint8 images."""
+        keras.utils.set_random_seed(seed)
+        x = np.asarray(images, np.float32)
+        return np.concatenate([ops.convert_to_numpy(
+            self.loss_parts(dequantise(tf.constant(x[i:i + batch])))["bits_per_dim"])
+            for i in range(0, len(x), batch)])
+
 
 def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
@@ -595,6 +628,63 @@ def command_evaluate(args, config, model):
     return results
 
 
+def command_encode(args, config, model):
+    """Every image under --folder: its flow latent z (`<dest>.npy`, one row per file) and its
+    bits/dim (`<dest>.csv`: file, row, bits_per_dim), in file order."""
+    files = common.scan_image_folder(args.folder, config.img_size, "--folder")
+    dest = args.dest or os.path.join(args.out, "encoded", os.path.basename(
+        os.path.normpath(args.folder)))
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    latents, scores = [], []
+    dataset = datasets.image_dataset(files, config.img_size, 32, lambda x: x)
+    progress = keras.utils.Progbar(len(files), unit_name="image",
+                                   verbose=1 if monitor.interactive() else 0)
+    for images in dataset:
+        images = images.numpy()
+        latents.append(model.encode(images))
+        scores.append(model.bits_per_dim(images, seed=args.seed + len(scores)))
+        progress.add(len(images))
+    np.save(dest + ".npy", np.concatenate(latents).astype(np.float32))
+    with open(dest + ".csv", "w") as f:
+        f.write("file,row,bits_per_dim\n")
+        f.writelines(f"{os.path.relpath(path, args.folder)},{row},{bits:.6f}\n"
+                     for row, (path, bits) in enumerate(zip(files, np.concatenate(scores))))
+    print(f"{dest}.npy: z of {len(files)} images ({config.img_size ** 2 * 3} numbers each); "
+          f"{dest}.csv: file, row, bits_per_dim")
+
+
+def command_export(args, config, model):
+    """`<dest>/sampler` and `<dest>/encoder`, TensorFlow SavedModels (load with
+    tf.saved_model.load: `.sample(noise, temperature)` -> uint8 images, `.encode(images)` ->
+    z), and `<dest>/inference.weights.h5`, the weights without the optimiser state."""
+    dest = args.dest or os.path.join(args.out, "export")
+    os.makedirs(dest, exist_ok=True)
+    dims, size = config.img_size ** 2 * 3, config.img_size
+
+    def to_uint8(x):  # (x+1)/2*255, rounded and clipped, as the picture grids
+        return tf.cast(tf.clip_by_value(tf.round((x + 1.0) / 2.0 * 255.0), 0.0, 255.0), tf.uint8)
+
+    for name, function, signature in [
+            ("sampler", lambda noise, temperature: to_uint8(model.generate(noise * temperature)),
+             [tf.TensorSpec((None, dims), tf.float32), tf.TensorSpec((), tf.float32)]),
+            ("encoder", lambda images: model.latent(scale_pixels(tf.cast(images, tf.float32))),
+             [tf.TensorSpec((None, size, size, 3), tf.uint8)])]:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("sample" if name == "sampler" else "encode", function, signature)
+        archive.write_out(os.path.join(dest, name), verbose=False)
+    weights = os.path.join(dest, "inference.weights.h5")
+    inference_weights(model, weights)
+    print(f"{dest}/sampler (sample(noise, temperature)), {dest}/encoder (encode(images)), "
+          f"{weights} ({os.path.getsize(weights) / 2**20:.1f} MiB)")
+
+
+def inference_weights(model, path):
+    """The model's weights without the optimiser state (loads into `build_model` or FVAE)."""
+    from keras.src.saving import saving_lib  # `save_weights` has no way to leave it out
+    saving_lib.save_weights_only(model, path, objects_to_skip=[model.optimizer])
+
+
 # =========================================================================== command line
 
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
@@ -602,7 +692,9 @@ COMMANDS = {"train": "train a run, or resume the one in --out (the default comma
             "reconstruct": "reconstructions of real images, directly and through the flow",
             "interpolate": "interpolations in z between two and between four real images",
             "sweep": "the same noise at a row of temperatures",
-            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images"}
+            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images",
+            "encode": "z and bits/dim of every image of a folder, to .npy and .csv",
+            "export": "SavedModels of the sampler and the encoder, and inference-only weights"}
 
 
 def temperature_list(text):
@@ -631,12 +723,18 @@ def parse_args(argv=None):
                            help="which checkpoint to load (best = lowest epoch loss)")
         flags.add_argument("--seed", type=int, default=0, help="seed of the noise and of the "
                            "choice of images")
+        if name in ("encode", "export"):
+            flags.add_argument("--dest", default=None,
+                               help="where to write (default: in --out: encoded/<folder name> "
+                                    "for encode, export/ for export)")
+        if name == "encode":
+            flags.add_argument("--folder", required=True, help="the images to encode (recursively)")
         if name in ("reconstruct", "interpolate", "evaluate"):
             flags.add_argument("--data-dir", default=None,
                                help="where the run's image folder is now (default: as saved)")
-        if name != "evaluate":
+        if name not in ("evaluate", "encode", "export"):
             flags.add_argument("--rows", type=int, default=9, help="rows of the picture")
-        if name not in ("evaluate", "sweep"):
+        if name not in ("evaluate", "sweep", "encode", "export"):
             flags.add_argument("--cols", type=int, default=9, help="columns of the picture")
     commands["sample"].add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
                                     help="comma-separated temperatures T >= 0")
@@ -680,7 +778,8 @@ def main(argv=None):
             return
         config, model = load_run(args)
         {"sample": command_sample, "sweep": command_sweep, "reconstruct": command_reconstruct,
-         "interpolate": command_interpolate, "evaluate": command_evaluate}[args.command](
+         "interpolate": command_interpolate, "evaluate": command_evaluate,
+         "encode": command_encode, "export": command_export}[args.command](
             args, config, model)
     return common.run_main(command)
 

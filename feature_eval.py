@@ -3,7 +3,9 @@ nearest neighbours (cosine or Euclidean), k-NN and probe accuracies on a labelle
 neighbour pictures, and search by image in a folder."""
 
 import os
+import sys
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -14,13 +16,21 @@ from common import (UsageError, find_readable_images, image_grid, read_json, sav
 from datasets import decode_images
 
 
+_FEATURE_MODELS = weakref.WeakKeyDictionary()  # encoder -> its (mu, flattened local map) model
+
+
 def encode(encoder, images, scale, batch_size=500):
     """uint8 images -> {"mu": (N, z_dim), "local": the flattened local map (N, 4*4*256)}, in
-    inference mode; `scale` maps uint8 pixels to the model's range."""
-    model = keras.Model(encoder.input, [encoder.outputs[0], keras.layers.Flatten()(encoder.outputs[2])])
+    inference mode; `scale` maps uint8 pixels to the model's range. The two-output model is
+    made once per encoder (a new one per call would retrace its predict function)."""
+    model = _FEATURE_MODELS.get(encoder)
+    if model is None:
+        model = keras.Model(encoder.input, [encoder.outputs[0],
+                                            keras.layers.Flatten()(encoder.outputs[2])])
+        _FEATURE_MODELS[encoder] = model
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     ds = ds.map(scale).prefetch(tf.data.AUTOTUNE)
-    verbose = 1 if len(images) > 5 * batch_size else 0
+    verbose = 1 if len(images) > 5 * batch_size and sys.stdout.isatty() else 0  # no bar in a file
     mu, local = model.predict(ds, verbose=verbose)
     return {"mu": mu, "local": local}
 

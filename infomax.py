@@ -558,13 +558,46 @@ def search(args):
                                args.query, args.top, args.metric, args.out)
 
 
+def encode_folder(args):
+    """mu of every image under --folder, in file order: `<dest>.npy` and `<dest>.csv` (file, row)."""
+    encoder, config = load_encoder(args.out)
+    files = common.scan_image_folder(args.folder, config.img_size, "--folder")
+    dest = args.dest or os.path.join(args.out, "encoded",
+                                     os.path.basename(os.path.normpath(args.folder)))
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    images, _ = datasets.decode_images(files, config.img_size)
+    np.save(dest + ".npy", embed(images, encoder, config).astype(np.float32))
+    with open(dest + ".csv", "w") as f:
+        f.write("file,row\n")
+        f.writelines(f"{os.path.relpath(path, args.folder)},{row}\n" for row, path in enumerate(files))
+    print(f"{dest}.npy: mu of {len(files)} images ({config.z_dim} numbers each); {dest}.csv")
+
+
+def export(args):
+    """`<dest>/feature_extractor`, a TensorFlow SavedModel (tf.saved_model.load(...).embed(
+    uint8 images) -> mu), beside the run's encoder.weights.h5 (the weights without optimiser)."""
+    encoder, config = load_encoder(args.out)
+    dest = args.dest or os.path.join(args.out, "export")
+    size = config.img_size
+    archive = keras.export.ExportArchive()
+    archive.track(encoder)
+    archive.add_endpoint("embed", lambda images: encoder(to_model_pixels(images, config.pixel_range),
+                                                         training=False)[0],
+                         [tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    archive.write_out(os.path.join(dest, "feature_extractor"), verbose=False)
+    print(f"{dest}/feature_extractor (embed(images) -> mu); inference weights: "
+          f"{os.path.join(args.out, 'encoder.weights.h5')}")
+
+
 # =========================================================================== command line
 
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
             "evaluate": "the metrics and pictures of a saved run again, without training",
             "search": "search a folder by image with a run's encoder",
             "ablation": "the article's experiment: global only, local only and both, the same "
-                        "data, seed and budget; one table and one neighbour picture"}
+                        "data, seed and budget; one table and one neighbour picture",
+            "encode": "mu of every image of a folder, to .npy and .csv",
+            "export": "a SavedModel of the feature extractor (uint8 images to mu)"}
 
 
 def add_evaluation_flags(parser):
@@ -603,6 +636,14 @@ def parse_args(argv=None):
     search_flags.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
                               help="similarity of the codes mu")
 
+    for name in ("encode", "export"):
+        commands[name].add_argument("--out", default="runs/infomax", help="the run folder")
+        commands[name].add_argument("--dest", default=None,
+                                    help="where to write (default: in --out: encoded/<folder "
+                                         "name> for encode, export/ for export)")
+    commands["encode"].add_argument("--folder", required=True,
+                                    help="the images to encode (recursively)")
+
     args = parser.parse_args(argv)
     common.check_at_least(args, 1, *[f for f in ("probe_epochs", "eval_limit", "top")
                                      if hasattr(args, f)])
@@ -617,7 +658,8 @@ def main(argv=None):
         if args.command in ("train", "ablation"):
             {"train": train, "ablation": ablation}[args.command](args.config, args.out, args)
         else:
-            {"evaluate": evaluate, "search": search}[args.command](args)
+            {"evaluate": evaluate, "search": search, "encode": encode_folder,
+             "export": export}[args.command](args)
     return common.run_main(command)
 
 

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 NOISE = re.compile(r"All log messages before absl::InitializeLog|oneDNN custom operations are on"
                    r"|Could not find cuda drivers|failed call to cuInit"
                    r"|Unable to register cu(DNN|FFT|BLAS) factory|computation_placer\.cc"
-                   r"|This TensorFlow binary is optimized")
+                   r"|This TensorFlow binary is optimized|To enable the following instructions")
 
 
 @contextlib.contextmanager
@@ -50,6 +50,7 @@ def without_startup_noise():
 
 with without_startup_noise():
     import tensorflow  # noqa: E402,F401
+    tensorflow.config.list_physical_devices("GPU")  # CUDA's one attempt to start, here, quietly
 
 
 def visible_gpus():
