@@ -76,10 +76,17 @@ class Fix:
     replacement: str
     count: int  # how often it must match in the author's file
     why: str
+    # Published versions differ: a version that has this (the fix written in already), or
+    # matches `optional` (a version that never had the problem), needs no fix.
+    already: str = None
+    optional: bool = False
 
 
-PY3_RANDOM_SHUFFLE = Fix(r"\bK\.tf\.random_shuffle\b", "tf.random.shuffle", 1,
-                         "K.tf (TensorFlow 1) is gone from Keras: TensorFlow 2's name for it")
+PY3_RANDOM_SHUFFLE = Fix(r"\b(K\.)?tf\.random_shuffle\b", "tf.random.shuffle", 1,
+                         "tf.random_shuffle (TensorFlow 1; K.tf in the first versions) is "
+                         "tf.random.shuffle in TensorFlow 2")
+PY3_FILTER_COUNT = Fix(r"\bz_dim / 2\*\*", "z_dim // 2**", 1,
+                       "Python 3: / gives a float filter count", already=r"\bz_dim // 2\*\*")
 NO_SCIPY_MISC = Fix(r"^from scipy import misc$", "", 1,
                     "scipy.misc (imread, imresize) is gone from SciPy; it only reads the data set")
 
@@ -99,13 +106,14 @@ def fixes_for(script, img_dim=None):
                 "Python 3: / gives float channel counts to the coupling networks"),
             Fix(r"\.add_loss\((\w+)\.logdet\)", r".add_loss(lambda \1=\1: \1.logdet)", 1,
                 "tf_keras: a log-determinant set in call() has no Keras history; a callable "
-                "reads it after each forward pass"),
+                "reads it after each forward pass (the first version, ef74b88, adds none)",
+                optional=True),
         ]
     if script == "infomax_cifar10.py":
         return [
             Fix(r"\bcifar10\.load_data\(\)", "_bench_random_cifar10()", 1,
                 "no download: random uint8 images and labels of CIFAR-10's shape"),
-            Fix(r"\bz_dim / 2\*\*", "z_dim // 2**", 1, "Python 3: / gives a float filter count"),
+            PY3_FILTER_COUNT,
             PY3_RANDOM_SHUFFLE,
         ]
     if script == "infomax_tiny_imagenet.py":
@@ -115,6 +123,7 @@ def fixes_for(script, img_dim=None):
                 "tqdm only shows the progress of the data loading replaced below"),
             Fix(r"^x_train = np\.array\(.*$", "x_train = _bench_random_tiny_imagenet()", 1,
                 "no data set read: random images in [-1, 1] (its imread's range) of its shape"),
+            PY3_FILTER_COUNT,
             PY3_RANDOM_SHUFFLE,
         ]
     raise ValueError(script)
@@ -138,6 +147,9 @@ def apply_fixes(text, fixes, path):
     applied = []
     for fix in fixes:
         text, found = re.subn(fix.pattern, fix.replacement, text, flags=re.MULTILINE)
+        if found == 0 and (fix.optional or fix.already and re.search(fix.already, text,
+                                                                       flags=re.MULTILINE)):
+            continue  # this version needs no such fix
         if found != fix.count:
             raise SourceError(f"--original-src: {path} is not the version this bench knows: "
                               f"/{fix.pattern}/ matches {found} times, expected {fix.count} "

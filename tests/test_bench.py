@@ -68,6 +68,40 @@ def test_every_fix_matches_the_authors_files(name):
                                              else ".compile(optimizer=Adam(1e-3))")
 
 
+ORIGINAL_VERSIONS = os.environ.get("BENCH_ORIGINAL_VERSIONS")
+
+
+def published_versions():
+    """(bench model, folder holding one published version of its files) for every version of
+    the author's files under BENCH_ORIGINAL_VERSIONS/<file>/<commit>/<file> (f-VAEs.py with
+    every version of flow_layers.py)."""
+    if not ORIGINAL_VERSIONS:
+        return []
+    found = []
+    for name, (script, _) in sorted(original.SCRIPTS.items()):
+        for version in sorted(os.listdir(os.path.join(ORIGINAL_VERSIONS, script))):
+            layers = ([None] if script != "f-VAEs.py"
+                      else sorted(os.listdir(os.path.join(ORIGINAL_VERSIONS, original.FLOW_LAYERS))))
+            found += [(name, script, version, layer) for layer in layers]
+    return found
+
+
+@pytest.mark.skipif(not ORIGINAL_VERSIONS, reason="set BENCH_ORIGINAL_VERSIONS to a folder "
+                    "<file>/<commit>/<file> of every published version of the author's files "
+                    "(git show COMMIT:FILE in clones of bojone/flow and bojone/infomax)")
+@pytest.mark.parametrize("name, script, version, layers", published_versions())
+def test_every_published_version_of_the_authors_files_is_accepted(tmp_path, name, script,
+                                                                   version, layers):
+    import shutil
+    shutil.copy(os.path.join(ORIGINAL_VERSIONS, script, version, script), tmp_path)
+    if layers:
+        shutil.copy(os.path.join(ORIGINAL_VERSIONS, original.FLOW_LAYERS, layers,
+                                 original.FLOW_LAYERS), tmp_path)
+    prepared = original.prepare(str(tmp_path), name)
+    compile(prepared.source, prepared.path, "exec")  # the fixed, cut script is valid Python 3
+    assert "random_shuffle" not in prepared.source and "z_dim / 2**" not in prepared.source
+
+
 @needs_original_src
 @needs_tf_keras
 def test_quick_benchmark_times_the_original_with_both_kernel_settings(tmp_path):
