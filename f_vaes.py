@@ -56,6 +56,9 @@ DEFAULT_DATA = {64: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba
 
 # =========================================================================== config
 
+LATENT_CHANNELS = 192  # three squeezes of an RGB image: 3 x 4^3; the paper's (and the default) C
+
+
 @dataclasses.dataclass
 class Config(RunSettings):
     """Hyperparameters, named as in SPEC.md section 1 (defaults are the paper's script)."""
@@ -74,8 +77,15 @@ class Config(RunSettings):
     holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
     seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
                        "with the run)")
+    latent_channels: int = option(LATENT_CHANNELS, "C: channels of h = E(x), v and the flow's "
+                                  "input at S/8 x S/8; 192 keeps as many numbers as the image, "
+                                  "fewer gives the paper's dimension-reducing f-VAE (an even "
+                                  "number: the flow halves it at every level)")
 
-    MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout")
+    # A resumed run must keep these (latent_channels: compared only with runs that saved it;
+    # earlier runs have 192)
+    MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout",
+                  "latent_channels")
 
 
 def check_config(c):
@@ -84,15 +94,20 @@ def check_config(c):
                           "coupling_width")
     common.check_at_least(c, 0, "res_steps", "nan_patience")
     common.check_positive(c, "lr")
+    if c.latent_channels < 2 or c.latent_channels % 2:
+        raise UsageError(f"--latent-channels {c.latent_channels}: must be an even number >= 2 "
+                         "(the flow splits the channels in half at every level), e.g. 192, 96, "
+                         "48 or 12")
     multiple = 8 * 2 ** (c.level - 1)  # three encoder squeezes, then one per factor-out
     if c.img_size < multiple or c.img_size % multiple:
         raise UsageError(f"--img-size {c.img_size}: must be a positive multiple of "
                          f"8 x 2^(level-1) = {multiple} with --level {c.level} (e.g. 64 or 128)")
 
 
-def latent_shape(img_size):
-    """The shape of h = E(x) and of v: three squeezes of an S x S x 3 image."""
-    return (img_size // 8, img_size // 8, 192)
+def latent_shape(img_size, channels=LATENT_CHANNELS):
+    """The shape of h = E(x) and of v: S/8 x S/8 x C, three squeezes of an S x S x 3 image
+    when C = 192 (as many numbers as the image)."""
+    return (img_size // 8, img_size // 8, channels)
 
 
 # =========================================================================== data
@@ -132,21 +147,28 @@ class ResidualStep(keras.layers.Layer):
         return x + self.conv1(ops.relu(self.norm(self.conv3(x), training=training)))
 
 
-def build_encoder(img_size, res_steps, sync_bn=False):
-    """E: S x S x 3 -> S/8 x S/8 x 192; three blocks of Squeeze + residual steps (12, 48, 192)."""
+def build_encoder(img_size, res_steps, sync_bn=False, latent_channels=LATENT_CHANNELS):
+    """E: S x S x 3 -> S/8 x S/8 x 192; three blocks of Squeeze + residual steps (12, 48, 192).
+    With C = `latent_channels` other than 192, a 1x1 convolution then maps the 192 channels
+    to C (the dimension-reducing f-VAE; none at 192, the paper's model)."""
     image = keras.Input((img_size, img_size, 3))
     x = image
     for block, channels in enumerate((12, 48, 192)):
         x, _ = Squeeze(2, name=f"squeeze_{block}")(x)
         for step in range(res_steps):
             x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
+    if latent_channels != LATENT_CHANNELS:
+        x = keras.layers.Conv2D(latent_channels, 1, name="to_latent")(x)
     return keras.Model(image, x, name="encoder")
 
 
-def build_decoder(img_size, res_steps, sync_bn=False):
-    """G: the mirror of E (residual steps at 192, 48, 12, each block ending in UnSqueeze), tanh."""
-    v = keras.Input(latent_shape(img_size))
+def build_decoder(img_size, res_steps, sync_bn=False, latent_channels=LATENT_CHANNELS):
+    """G: the mirror of E (residual steps at 192, 48, 12, each block ending in UnSqueeze), tanh;
+    from C channels other than 192, a 1x1 convolution first maps them to 192."""
+    v = keras.Input(latent_shape(img_size, latent_channels))
     x = v
+    if latent_channels != LATENT_CHANNELS:
+        x = keras.layers.Conv2D(LATENT_CHANNELS, 1, name="from_latent")(x)
     for block, channels in enumerate((192, 48, 12)):
         for step in range(res_steps):
             x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
@@ -210,7 +232,7 @@ class FactorOut(keras.layers.Layer):
 
 
 class MultiScaleFlow(keras.layers.Layer):
-    """F: v (S/8 x S/8 x 192) -> z (S*S*3 numbers), `levels` x `depth` FlowSteps with a
+    """F: v (S/8 x S/8 x C) -> z (d = S/8 * S/8 * C numbers), `levels` x `depth` FlowSteps with a
     FactorOut between levels, a final ActNorm, and all parts concatenated (set-aside first).
 
     `z, logdet = flow(v)` with logdet = +log|det dz/dv| per example; `flow.inverse(z)` walks
@@ -271,20 +293,24 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def fvae_loss(x, reconstruction, noise, flow_latent, flow_logdet, log_precision, log_noise_scale):
-    """The loss of SPEC.md (paper eq. 6 for z = F(exp(s_u) * u + E(x))), per example, in nats.
+    """The loss of SPEC.md (paper eq. 6 for z = F(exp(s_u) * u + E(x))), per example, in nats,
+    with the D image numbers and the d latent numbers kept apart (d = D in the paper's model;
+    d < D in the dimension-reducing one, where eq. 6 holds as written):
 
     recon   = -log N(x; G(v), exp(-t_x)^2): 0.5*sum((exp(t_x)*(G(v)-x))^2) + 0.5*log(2pi)*D - D*t_x
-    prior   = 0.5*sum(z^2)                  (-log N(z; 0, I) without its 0.5*log(2pi)*D)
-    entropy = -0.5*sum(u^2) - D*s_u         (log p(v|x) without its -0.5*log(2pi)*D)
+    prior   = 0.5*sum(z^2)                  (-log N(z; 0, I) without its 0.5*log(2pi)*d)
+    entropy = -0.5*sum(u^2) - d*s_u         (log p(v|x) without its -0.5*log(2pi)*d)
     loss    = recon + prior + entropy - flow_logdet
-    The two dropped constants cancel, so `loss` estimates the negative ELBO without bias.
+    The two dropped constants cancel, so `loss` estimates the negative ELBO without bias;
+    bits/dim divides by the D image numbers whatever d is.
     """
     dims = int(np.prod(x.shape[1:]))
+    latent_dims = int(np.prod(noise.shape[1:]))
     sum_per_example = lambda t: ops.sum(ops.reshape(t, (ops.shape(t)[0], -1)), axis=-1)  # noqa: E731
     recon = (0.5 * sum_per_example(ops.square(ops.exp(log_precision) * (reconstruction - x)))
              + 0.5 * LOG_2PI * dims - dims * log_precision)
     prior = 0.5 * sum_per_example(ops.square(flow_latent))
-    entropy = -0.5 * sum_per_example(ops.square(noise)) - dims * log_noise_scale
+    entropy = -0.5 * sum_per_example(ops.square(noise)) - latent_dims * log_noise_scale
     loss = recon + prior + entropy - flow_logdet
     return {"loss": loss, "recon": recon, "prior": prior, "entropy": entropy,
             "flow_logdet": flow_logdet, "bits_per_dim": bits_per_dim(loss, dims)}
@@ -295,7 +321,7 @@ def general_posterior_loss(log_likelihood, latent, noise, posterior_logdet):
     -log q(x|z) + [log p(z|x) - log q(z)] = -log_likelihood + 0.5*sum(z^2) - 0.5*sum(u^2)
     - log|det dF_x/du|  (the 0.5*log(2pi) constants of prior and posterior cancel).
     With F_x(u) = mu + sigma*u its mean over u is reconstruction + KL(N(mu, sigma^2) || N(0, I));
-    with F_x(u) = F(exp(s_u)*u + E(x)) it is `fvae_loss`, where log|det| = flow_logdet + D*s_u.
+    with F_x(u) = F(exp(s_u)*u + E(x)) it is `fvae_loss`, where log|det| = flow_logdet + d*s_u.
     """
     flat = lambda t: ops.reshape(t, (ops.shape(t)[0], -1))  # noqa: E731
     return (-log_likelihood + 0.5 * ops.sum(ops.square(flat(latent)), axis=-1)
@@ -315,13 +341,14 @@ class FVAE(keras.Model):
     LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
 
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
-                 sync_bn=False, **kwargs):
+                 sync_bn=False, latent_channels=LATENT_CHANNELS, **kwargs):
         super().__init__(**kwargs)
         self.img_size = img_size
-        self.encoder = build_encoder(img_size, res_steps, sync_bn)
-        self.decoder = build_decoder(img_size, res_steps, sync_bn)
-        self.flow = MultiScaleFlow(latent_shape(img_size), level, depth, coupling_width, seed,
-                                   name="flow")
+        self.latent_dims = int(np.prod(latent_shape(img_size, latent_channels)))  # d (D at 192)
+        self.encoder = build_encoder(img_size, res_steps, sync_bn, latent_channels)
+        self.decoder = build_decoder(img_size, res_steps, sync_bn, latent_channels)
+        self.flow = MultiScaleFlow(latent_shape(img_size, latent_channels), level, depth,
+                                   coupling_width, seed, name="flow")
         self.log_precision = self.add_weight(shape=(), initializer="zeros", name="log_precision")
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
@@ -397,7 +424,7 @@ class FVAE(keras.Model):
         return common.to_uint8(sample_images(self, n, temperature, seed))
 
     def encode(self, images, batch=32):
-        """z = F(E(x)) of uint8 images (the posterior mean's flow latent), (N, S*S*3)."""
+        """z = F(E(x)) of uint8 images (the posterior mean's flow latent), (N, d)."""
         x = scale_pixels(np.asarray(images, np.float32))
         return np.concatenate([ops.convert_to_numpy(self.latent(x[i:i + batch]))
                                for i in range(0, len(x), batch)])
@@ -421,7 +448,8 @@ class FVAE(keras.Model):
 def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
-                 config.coupling_width, config.seed, config.sync_bn, name="fvae")
+                 config.coupling_width, config.seed, config.sync_bn, config.latent_channels,
+                 name="fvae")
     model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
@@ -488,8 +516,7 @@ class SampleGrids(keras.callbacks.Callback):
 
 def sample_images(model, n, temperature, seed=0, batch=32):
     """n images G(F^-1(z)), z ~ N(0, T^2 I), drawn from a fixed numpy seed."""
-    dims = model.img_size ** 2 * 3
-    noise = np.random.RandomState(seed).randn(n, dims).astype("float32")
+    noise = np.random.RandomState(seed).randn(n, model.latent_dims).astype("float32")
     return np.concatenate([ops.convert_to_numpy(model.generate(temperature * noise[i:i + batch]))
                            for i in range(0, n, batch)])
 
@@ -562,7 +589,7 @@ def command_sample(args, config, model):
 
 def command_sweep(args, config, model):
     """One row per noise draw, one column per temperature: z = T * eps with eps fixed per row."""
-    noise = np.random.RandomState(args.seed).randn(args.rows, config.img_size ** 2 * 3)
+    noise = np.random.RandomState(args.seed).randn(args.rows, model.latent_dims)
     z = np.stack([t * noise for t in args.sweep], axis=1).reshape(-1, noise.shape[1])
     images = np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + 32].astype("float32")))
                              for i in range(0, len(z), 32)])
@@ -649,7 +676,7 @@ def command_encode(args, config, model):
         f.write("file,row,bits_per_dim\n")
         f.writelines(f"{os.path.relpath(path, args.folder)},{row},{bits:.6f}\n"
                      for row, (path, bits) in enumerate(zip(files, np.concatenate(scores))))
-    print(f"{dest}.npy: z of {len(files)} images ({config.img_size ** 2 * 3} numbers each); "
+    print(f"{dest}.npy: z of {len(files)} images ({model.latent_dims} numbers each); "
           f"{dest}.csv: file, row, bits_per_dim")
 
 
@@ -659,7 +686,7 @@ def command_export(args, config, model):
     z), and `<dest>/inference.weights.h5`, the weights without the optimiser state."""
     dest = args.dest or os.path.join(args.out, "export")
     os.makedirs(dest, exist_ok=True)
-    dims, size = config.img_size ** 2 * 3, config.img_size
+    dims, size = model.latent_dims, config.img_size
 
     def to_uint8(x):  # (x+1)/2*255, rounded and clipped, as the picture grids
         return tf.cast(tf.clip_by_value(tf.round((x + 1.0) / 2.0 * 255.0), 0.0, 255.0), tf.uint8)

@@ -236,8 +236,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     def _load(self, model, path):
         saved = weights_attrs(path)
         if self.model_config and "config" in saved:
-            diffs = config_differences(json.loads(saved["config"]), self.model_config,
-                                       sorted(self.model_config))
+            recorded = json.loads(saved["config"])  # keys added since a save are not compared
+            diffs = config_differences(recorded, self.model_config,
+                                       sorted(k for k in self.model_config if k in recorded))
             if diffs:
                 raise UsageError(f"{path} holds another model: " + "; ".join(diffs))
         model.load_weights(path)
