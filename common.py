@@ -124,9 +124,12 @@ def add_config_flags(parser, config_class):
     text are each written once. A bool field is `--x/--no-x`; a field whose default is None
     names its type."""
     fields = [f for f in dataclasses.fields(config_class) if "help" in f.metadata]
-    inherited = {f.name for base in config_class.__mro__[1:] if dataclasses.is_dataclass(base)
-                 for f in dataclasses.fields(base)}
-    for field in sorted(fields, key=lambda f: f.name in inherited):
+
+    def declared_by(field):  # 0: the class itself, 1: its base, ...
+        return next(i for i, cls in enumerate(config_class.__mro__)
+                    if field.name in cls.__dict__.get("__annotations__", {}))
+
+    for field in sorted(fields, key=declared_by):
         flag = dict(field.metadata)
         names = [flag_name(field.name), *flag.pop("aliases", ())]
         if isinstance(field.default, bool) or flag.get("type") is bool:

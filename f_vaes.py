@@ -60,23 +60,28 @@ LATENT_CHANNELS = 192  # three squeezes of an RGB image: 3 x 4^3; the paper's (a
 
 
 @dataclasses.dataclass
-class Config(RunSettings):
-    """Hyperparameters, named as in SPEC.md section 1 (defaults are the paper's script)."""
-    img_size: int = option(128, "S: a multiple of 8 x 2^(level-1), e.g. 64 or 128 (the script's "
-                           "default; the paper also trains 64)")
+class FaceRunSettings(RunSettings):
+    """The schedule and data of the author's face scripts (f-VAEs.py, and glow.py's Config)."""
     data_dir: str = option("", "folder of PNG/JPEG faces, searched recursively (default: the "
                            "shared CelebA folder for --img-size 64 or 128, if present)")
-    batch_size: int = option(32, "images per step")
     lr: float = option(1e-4, "Adam learning rate")
     epochs: int = option(1000, "train until this epoch")
     steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
+    holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
+    seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
+                       "with the run)")
+
+
+@dataclasses.dataclass
+class Config(FaceRunSettings):
+    """Hyperparameters, named as in SPEC.md section 1 (defaults are the paper's script)."""
+    img_size: int = option(128, "S: a multiple of 8 x 2^(level-1), e.g. 64 or 128 (the script's "
+                           "default; the paper also trains 64)")
+    batch_size: int = option(32, "images per step")
     depth: int = option(12, "flow steps per level (K)")
     level: int = option(4, "flow levels (L)")
     res_steps: int = option(12, "residual steps per encoder/decoder block (fewer for quick runs)")
     coupling_width: int = option(256, "hidden channels of the coupling NN (fewer for quick runs)")
-    holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
-    seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
-                       "with the run)")
     latent_channels: int = option(LATENT_CHANNELS, "C: channels of h = E(x), v and the flow's "
                                   "input at S/8 x S/8; 192 keeps as many numbers as the image, "
                                   "fewer gives the paper's dimension-reducing f-VAE (an even "
@@ -210,23 +215,23 @@ class FactorOut(keras.layers.Layer):
     """End of a level: split (x1, x2); x2 -> CondActNorm conditioned on x1 -> flattened and set
     aside; x1 -> Squeeze, to the next level. Returns (next_x, set_aside, logdet)."""
 
-    def __init__(self, shape, **kwargs):
+    def __init__(self, shape, squeeze=True, **kwargs):
         super().__init__(**kwargs)
         h, w, c = shape
         self.split = SplitChannels(name="split")
         self.cond_norm = CondActNorm(name="cond_actnorm")
         self.flatten = Reshape((-1,), source_shape=(h, w, c - c // 2), name="flatten")
-        self.squeeze = Squeeze(2, name="squeeze")
+        self.squeeze = Squeeze(2, name="squeeze") if squeeze else None  # Glow: at level starts
 
     def call(self, x):
         (x1, x2), _ = self.split(x)
         x2, logdet = self.cond_norm([x2, x1])
         set_aside, _ = self.flatten(x2)
-        x, _ = self.squeeze(x1)
+        x = self.squeeze(x1)[0] if self.squeeze else x1
         return x, set_aside, logdet
 
     def inverse(self, x, set_aside):
-        x1 = self.squeeze.inverse(x)
+        x1 = self.squeeze.inverse(x) if self.squeeze else x
         x2 = self.cond_norm.inverse([self.flatten.inverse(set_aside), x1])
         return self.split.inverse([x1, x2])
 
@@ -234,37 +239,46 @@ class FactorOut(keras.layers.Layer):
 class MultiScaleFlow(keras.layers.Layer):
     """F: v (S/8 x S/8 x C) -> z (d = S/8 * S/8 * C numbers), `levels` x `depth` FlowSteps with a
     FactorOut between levels, a final ActNorm, and all parts concatenated (set-aside first).
+    In f-VAEs the squeeze ends a level (inside its FactorOut); with `squeeze_first` (Glow, as
+    in the author's glow.py) each level starts with one and the FactorOut has none.
 
     `z, logdet = flow(v)` with logdet = +log|det dz/dv| per example; `flow.inverse(z)` walks
     the same layers backwards.
     """
 
-    def __init__(self, shape, level, depth, width, seed, **kwargs):
+    def __init__(self, shape, level, depth, width, seed, squeeze_first=False, **kwargs):
         super().__init__(**kwargs)
         seeds = iter(np.random.RandomState(seed).randint(0, 2**31 - 1, size=level * depth))
         h, w, c = shape
-        self.steps, self.factor_outs, self.part_sizes = [], [], []
+        self.steps, self.factor_outs, self.part_sizes, self.squeezes = [], [], [], []
         for i in range(level):
+            if squeeze_first:
+                self.squeezes.append(Squeeze(2, name=f"level{i}_squeeze"))
+                h, w, c = h // 2, w // 2, 4 * c
             self.steps += [FlowStep(c, width, int(next(seeds)), name=f"level{i}_step{k}")
                            for k in range(depth)]
             if i < level - 1:
-                self.factor_outs.append(FactorOut((h, w, c), name=f"level{i}_factor_out"))
+                self.factor_outs.append(FactorOut((h, w, c), squeeze=not squeeze_first,
+                                                  name=f"level{i}_factor_out"))
                 self.part_sizes.append(h * w * (c - c // 2))
-                h, w, c = h // 2, w // 2, 4 * (c // 2)
+                h, w, c = (h, w, c // 2) if squeeze_first else (h // 2, w // 2, 4 * (c // 2))
         self.depth = depth
         self.final_norm = ActNorm(name="final_actnorm")
         self.final_flatten = Reshape((-1,), source_shape=(h, w, c), name="final_flatten")
         self.part_sizes.append(h * w * c)
 
     def levels(self):
-        """(steps of level i, its FactorOut or None), in forward order."""
+        """(its Squeeze or None, steps of level i, its FactorOut or None), in forward order."""
         for i in range(len(self.factor_outs) + 1):
             steps = self.steps[i * self.depth:(i + 1) * self.depth]
-            yield steps, self.factor_outs[i] if i < len(self.factor_outs) else None
+            yield (self.squeezes[i] if self.squeezes else None, steps,
+                   self.factor_outs[i] if i < len(self.factor_outs) else None)
 
     def call(self, v):
         x, logdet, set_aside = v, 0.0, []
-        for steps, factor_out in self.levels():
+        for squeeze, steps, factor_out in self.levels():
+            if squeeze is not None:
+                x, _ = squeeze(x)
             for step in steps:
                 x, step_logdet = step(x)
                 logdet = logdet + step_logdet
@@ -279,11 +293,14 @@ class MultiScaleFlow(keras.layers.Layer):
     def inverse(self, z):
         parts = ops.split(z, np.cumsum(self.part_sizes)[:-1].tolist(), axis=-1)
         x = self.final_norm.inverse(self.final_flatten.inverse(parts[-1]))
-        for (steps, factor_out), part in zip(reversed(list(self.levels())), [None] + parts[-2::-1]):
+        for (squeeze, steps, factor_out), part in zip(reversed(list(self.levels())),
+                                                      [None] + parts[-2::-1]):
             if factor_out is not None:
                 x = factor_out.inverse(x, part)
             for step in reversed(steps):
                 x = step.inverse(x)
+            if squeeze is not None:
+                x = squeeze.inverse(x)
         return x
 
 
@@ -335,8 +352,9 @@ def bits_per_dim(nll_nats, dims):
 
 # =========================================================================== model
 
-class FVAE(keras.Model):
-    """E, G, F and the two scalars t_x (log_precision) and s_u (log_noise_scale)."""
+class FVAE(guards.GuardedModel):
+    """E, G, F and the two scalars t_x (log_precision) and s_u (log_noise_scale), trained on
+    the mean of `loss_parts`' loss (guards.GuardedModel: non-finite steps are skipped)."""
 
     LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
 
@@ -353,12 +371,7 @@ class FVAE(keras.Model):
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = {name: guards.AppliedMean(name=name) for name in self.LOG_NAMES}
-        self.skipped = guards.SkippedSteps()
-
-    @property
-    def metrics(self):
-        return [*self.trackers.values(), self.skipped]
+        self.init_trackers()
 
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On
@@ -375,27 +388,6 @@ class FVAE(keras.Model):
 
     def call(self, x, training=False):
         return self.loss_parts(x, training=training)
-
-    def _track(self, parts, applied=True):
-        for name, tracker in self.trackers.items():
-            tracker.update_state(parts[name], applied)
-        return distribute.step_logs({metric.name: metric.result() for metric in self.metrics})
-
-    def train_step(self, x):
-        """One Adam step on the mean loss, applied only if the loss and gradients are finite
-        (else the step, batch-norm statistics included, is undone and counted as skipped)."""
-        statistics = guards.snapshot(self.non_trainable_variables)
-        with tf.GradientTape() as tape:
-            parts = self.loss_parts(x, training=True)
-            loss = distribute.replica_share(ops.mean(parts["loss"]))  # the mean over the global batch
-        gradients = tape.gradient(loss, self.trainable_variables)
-        applied = guards.apply_if_finite(self.optimizer, loss, gradients,
-                                         self.trainable_variables, restore=statistics)
-        self.skipped.update_state(applied)
-        return self._track(parts, applied)
-
-    def test_step(self, x):
-        return self._track(self.loss_parts(x, training=False))
 
     # ----------------------------------------------------------------------- pictures
 
@@ -499,13 +491,13 @@ class SampleGrids(keras.callbacks.Callback):
 
     TEMPERATURES, ROWS, COLS = (1.0, 0.8), 9, 9
 
-    def __init__(self, run_dir, seed=0):
+    def __init__(self, run_dir, seed=0, temperatures=TEMPERATURES):
         super().__init__()
-        self.run_dir, self.seed = run_dir, seed
+        self.run_dir, self.seed, self.temperatures = run_dir, seed, temperatures
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        for t in self.TEMPERATURES:
+        for t in self.temperatures:
             images = sample_images(self.model, self.ROWS * self.COLS, t, self.seed)
             grid = common.image_grid(images, self.ROWS, self.COLS)
             common.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
@@ -521,9 +513,12 @@ def sample_images(model, n, temperature, seed=0, batch=32):
                            for i in range(0, n, batch)])
 
 
-def train(config, out):
-    """Train (or resume) the run in `out` (config resolved by `train_config`)."""
-    run = prepare_run(config, out, Config.MODEL_KEYS)
+def train(config, out, build=None, model_keys=Config.MODEL_KEYS, monitors=(),
+          temperatures=SampleGrids.TEMPERATURES):
+    """Train (or resume) the run in `out` (config resolved by `train_config`). glow.py trains
+    its model the same way: its `build`, `model_keys`, `monitors` and sample temperatures."""
+    build = build or build_model
+    run = prepare_run(config, out, model_keys)
     files = common.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
     train_files, _ = common.find_readable_images(train_files, config.img_size)
@@ -532,35 +527,38 @@ def train(config, out):
     print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
           f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
 
-    def build():
+    def build_seeded():
         keras.utils.set_random_seed(config.seed)
-        return build_model(config, verbose=True)
+        return build(config, verbose=True)
 
     def stream(images_seen):  # the data stream is a function of its position: resumes exactly
         # (and is the same on every worker of a cluster: each keeps its part of every batch)
         return datasets.image_stream(train_files, config.img_size, config.batch_size,
                                      scale_pixels, config.seed, start=images_seen)
 
-    return fit_run(run, config, Config.MODEL_KEYS, build, stream, config.steps_per_epoch,
-                   callbacks=[SampleGrids(run.dir, seed=config.seed)])
+    return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
+                   monitors=[monitor(run.dir) for monitor in monitors],
+                   callbacks=[SampleGrids(run.dir, seed=config.seed, temperatures=temperatures)])
 
 
 # =========================================================================== commands on a run
 
-def load_run(args):
-    """The config and model of `--out`, with best (or `--weights latest`) weights loaded."""
+def load_run(args, config_class=None, build=None):
+    """The config and model of `--out`, with best (or `--weights latest`) weights loaded
+    (another script's run with its `config_class` and `build`, e.g. glow.py's)."""
+    config_class, build = config_class or Config, build or build_model
     path = os.path.join(args.out or "", "config.json")
     if not args.out or not os.path.exists(path):
         raise UsageError(f"--out {args.out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
-    config = common.config_from_json(Config, common.read_json(path))
+    config = common.config_from_json(config_class, common.read_json(path))
     config.jit_compile = False
     config.data_dir = getattr(args, "data_dir", None) or config.data_dir
     weights = os.path.join(args.out, f"{args.weights}.weights.h5")
     if not os.path.exists(weights):
         raise UsageError(f"--weights {args.weights}: {weights} does not exist yet "
                          "(no epoch has finished)")
-    model = build_model(config)
+    model = build(config)
     try:
         model.load_weights(weights)
     except Exception as e:  # noqa: BLE001
@@ -648,7 +646,7 @@ def command_evaluate(args, config, model):
     results = model.evaluate(dataset, return_dict=True, verbose=0)
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
           f"(x_int + U(0,1))/256*2-1), nats per image:")
-    for name in FVAE.LOG_NAMES:
+    for name in model.LOG_NAMES:
         print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), **{k: float(v) for k, v in results.items()}})
@@ -734,14 +732,9 @@ def temperature_list(text):
     return values
 
 
-def parse_args(argv=None):
-    """The command and its flags (`f_vaes.py COMMAND --help` lists a command's own)."""
-    parser, commands = common.command_parser(__doc__, COMMANDS)
-    common.add_config_flags(commands["train"], Config)
-    commands["train"].add_argument("--out", default=None,
-                                   help="run folder (config, weights, log.csv, pictures); the "
-                                        "same --out resumes (default: runs/fvae<img-size>)")
-    for name in COMMANDS:
+def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
+    """The flags of the commands on a trained run ({name: sub-parser}; glow.py shares them)."""
+    for name in commands:
         if name == "train":
             continue
         flags = commands[name]
@@ -763,7 +756,8 @@ def parse_args(argv=None):
             flags.add_argument("--rows", type=int, default=9, help="rows of the picture")
         if name not in ("evaluate", "sweep", "encode", "export"):
             flags.add_argument("--cols", type=int, default=9, help="columns of the picture")
-    commands["sample"].add_argument("--temperatures", type=temperature_list, default=[1.0, 0.8],
+    commands["sample"].add_argument("--temperatures", type=temperature_list,
+                                    default=list(default_temperatures),
                                     help="comma-separated temperatures T >= 0")
     commands["sweep"].add_argument("--sweep", type=temperature_list,
                                    default=[round(0.1 * i, 1) for i in range(11)],
@@ -771,16 +765,35 @@ def parse_args(argv=None):
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")
+
+
+def parse_args(argv=None, doc=__doc__, command_help=None, config_class=None, run_name="fvae",
+               temperatures=(1.0, 0.8)):
+    """The command and its flags (`f_vaes.py COMMAND --help` lists a command's own); glow.py
+    builds its command line here with its own docstring, commands, config and names."""
+    parser, commands = common.command_parser(doc, command_help or COMMANDS)
+    common.add_config_flags(commands["train"], config_class or Config)
+    commands["train"].add_argument("--out", default=None,
+                                   help="run folder (config, weights, log.csv, pictures); the "
+                                        f"same --out resumes (default: runs/{run_name}<img-size>)")
+    add_run_command_flags(commands, temperatures)
     args = parser.parse_args(argv)
     common.check_at_least(args, 1, *[f for f in ("rows", "cols") if hasattr(args, f)])
     return args
 
 
-def train_config(args):
-    """Config for `train`: the flags, with the data folder, hold-out and seed resolved."""
-    config = common.config_from_args(Config, args)
-    check_config(config)
-    args.out = args.out or os.path.join("runs", f"fvae{config.img_size}")
+def train_config(args, config_class=None, check=None, run_name="fvae"):
+    """Config for `train`: the flags, with the run folder, data folder, hold-out and seed
+    resolved (glow.py: its config class, its checks, its name)."""
+    config = common.config_from_args(config_class or Config, args)
+    (check or check_config)(config)
+    args.out = args.out or os.path.join("runs", f"{run_name}{config.img_size}")
+    return resolve_run_data(config, args)
+
+
+def resolve_run_data(config, args):
+    """The data folder (the flag, else the run's, else the shared faces of that size; kept
+    relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of a run to train."""
     saved_path = os.path.join(args.out, "config.json")
     saved = common.read_json(saved_path) if os.path.exists(saved_path) else {}
     data_dir = (args.data_dir or saved.get("data_dir")

@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from common import TrainingStopped
+from training import distribute
 
 def all_finite(tensors):
     """One boolean tensor: every value of every tensor (None skipped) is finite."""
@@ -153,3 +154,43 @@ class NonFiniteRollback(keras.callbacks.Callback):
                "(no step was applied since the first non-finite one)")
             + f", learning rate {before:.3g} -> {before / self.factor:.3g}")
         self.streak = 0
+
+
+class GuardedModel(keras.Model):
+    """A model trained on the per-example "loss" of its `loss_parts(x, training)`: one Adam
+    step on the mean over the global batch, applied only if the loss and gradients are finite
+    (else the step, batch-norm statistics included, is undone and counted as skipped), with
+    the epoch means of every part in LOG_NAMES. Call `init_trackers()` at the end of
+    `__init__`."""
+
+    LOG_NAMES = ("loss",)
+
+    def init_trackers(self):
+        self.trackers = {name: AppliedMean(name=name) for name in self.LOG_NAMES}
+        self.skipped = SkippedSteps()
+
+    @property
+    def metrics(self):
+        return [*self.trackers.values(), self.skipped]
+
+    def loss_parts(self, x, training=False):
+        raise NotImplementedError
+
+    def _track(self, parts, applied=True):
+        for name, tracker in self.trackers.items():
+            tracker.update_state(parts[name], applied)
+        return distribute.step_logs({metric.name: metric.result() for metric in self.metrics})
+
+    def train_step(self, x):
+        statistics = snapshot(self.non_trainable_variables)
+        with tf.GradientTape() as tape:
+            parts = self.loss_parts(x, training=True)
+            loss = distribute.replica_share(ops.mean(parts["loss"]))  # mean over the global batch
+        gradients = tape.gradient(loss, self.trainable_variables)
+        applied = apply_if_finite(self.optimizer, loss, gradients, self.trainable_variables,
+                                  restore=statistics)
+        self.skipped.update_state(applied)
+        return self._track(parts, applied)
+
+    def test_step(self, x):
+        return self._track(self.loss_parts(x, training=False))

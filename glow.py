@@ -1,0 +1,199 @@
+"""Glow as in the same author's repository (bojone/flow, glow.py): the baseline of the f-VAE
+paper (SPEC.md, "Glow, as in the same author's repository"), on this project's flow layers.
+
+    x = pixels x/255*2-1, plus U(0, 1/256) noise in training only (the author's dequantisation)
+    level i = 0..L-1:  Squeeze; K steps of ActNorm -> Permute -> additive coupling (width 512);
+                       if i < L-1: split, CondActNorm on x2 given x1, x2 set aside, go on with x1
+                       (f_vaes.MultiScaleFlow with squeeze_first)
+    z = concat(set-aside parts, flatten(ActNorm(x)))            D = S*S*3 numbers
+    loss = 0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet              nats per image
+
+Sampling: x = F^-1(z), z ~ N(0, T^2 I), T = 0.9 in the author's script. The author's collapse
+rule: after epoch 10, an epoch whose loss turns positive again reloads the best weights and
+sets the learning rate to 1e-5 (CollapseRule).
+
+    python glow.py --img-size 64                 # train (or resume) into runs/glow64
+    python glow.py sample | interpolate | sweep | evaluate --out runs/glow64
+
+Bits/dim follow the f-VAE's convention (f_vaes.py): `evaluate` scores held-out images
+dequantised as (x_int + U(0, 1)) / 256 * 2 - 1 and reports (nll + D*log(128)) / (D*ln 2).
+"""
+
+import dataclasses
+import os
+import sys
+
+import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
+import numpy as np
+import keras
+from keras import ops
+
+import common
+import f_vaes
+from common import UsageError, option
+from f_vaes import LOG_2PI, MultiScaleFlow, bits_per_dim, scale_pixels
+from speedups import FusedAdam
+from training import distribute, guards
+
+# =========================================================================== config
+
+
+@dataclasses.dataclass
+class Config(f_vaes.FaceRunSettings):
+    """The author's glow.py (defaults); the schedule and data flags are the f-VAE's."""
+    img_size: int = option(64, "S: a multiple of 2^level (the author's script: 64)")
+    batch_size: int = option(64, "images per step (the author's data generator: 64)")
+    depth: int = option(10, "flow steps per level (K; the Glow paper uses 32)")
+    level: int = option(3, "flow levels (L)")
+    coupling_width: int = option(512, "hidden channels of the coupling NN")
+    collapse_lr: float = option(1e-5, "the learning rate after a collapse (CollapseRule)")
+
+    MODEL_KEYS = ("img_size", "depth", "level", "coupling_width", "seed", "holdout")
+
+
+def check_config(c):
+    common.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
+                          "coupling_width")
+    common.check_at_least(c, 0, "nan_patience")
+    common.check_positive(c, "lr", "collapse_lr")
+    multiple = 2 ** c.level
+    if c.img_size < multiple or c.img_size % multiple:
+        raise UsageError(f"--img-size {c.img_size}: must be a positive multiple of 2^level = "
+                         f"{multiple} with --level {c.level} (e.g. 32, 64 or 128)")
+
+
+# =========================================================================== loss
+
+def glow_loss(z, logdet, dims):
+    """SPEC.md: 0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet, per example, in nats: -log p(x) of
+    the flow's density, exactly (no bound)."""
+    prior = 0.5 * ops.sum(ops.square(z), axis=-1) + 0.5 * LOG_2PI * dims
+    loss = prior - logdet
+    return {"loss": loss, "prior": prior, "logdet": logdet,
+            "bits_per_dim": bits_per_dim(loss, dims)}
+
+
+# =========================================================================== model
+
+class Glow(guards.GuardedModel):
+    """The flow and its loss; the same picture interface as f_vaes.FVAE (`latent`,
+    `generate`, `latent_dims`), so that f_vaes' commands on a run work on it unchanged."""
+
+    LOG_NAMES = ("loss", "prior", "logdet", "bits_per_dim")
+
+    def __init__(self, img_size, level=3, depth=10, coupling_width=512, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.img_size = img_size
+        self.latent_dims = img_size * img_size * 3
+        # the f-VAE's flow with Glow's squeeze at the start of each level (SPEC.md)
+        self.flow = MultiScaleFlow((img_size, img_size, 3), level, depth, coupling_width, seed,
+                                   squeeze_first=True, name="flow")
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.init_trackers()
+
+    def loss_parts(self, x, training=False):
+        """In training the author's dequantisation, x + U(0, 1/256), drawn per replica row."""
+        if training:
+            x = x + distribute.replica_draw(
+                lambda shape: keras.random.uniform(shape, 0.0, 1.0 / 256,
+                                                   seed=self.seed_generator), ops.shape(x))
+        z, logdet = self.flow(x)
+        return glow_loss(z, logdet, self.latent_dims)
+
+    def call(self, x, training=False):
+        return self.loss_parts(x, training=training)
+
+    def latent(self, x):
+        """z = F(x)."""
+        return self.flow(x)[0]
+
+    def generate(self, z):
+        """x = F^-1(z)."""
+        return self.flow.inverse(z)
+
+    def encode(self, images):
+        return ops.convert_to_numpy(self.latent(scale_pixels(np.asarray(images, np.float32))))
+
+    def decode(self, z):
+        return common.to_uint8(ops.convert_to_numpy(self.generate(np.asarray(z, np.float32))))
+
+
+def build_model(config, verbose=False):
+    """The Glow of `config`, compiled and built (weights, optimiser slots), ready to load."""
+    model = Glow(config.img_size, config.level, config.depth, config.coupling_width,
+                 config.seed, name="glow")
+    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
+    model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
+    model.optimizer.build(model.trainable_variables)
+    if verbose:
+        print(f"Glow trainable parameters: {f_vaes.count(model.trainable_weights):,}", flush=True)
+    return model
+
+
+# =========================================================================== training
+
+class CollapseRule(keras.callbacks.Callback):
+    """The author's rule: after epoch 10, an epoch whose loss turns positive (the loss is
+    negative once Glow has learnt) and is not the lowest so far means the model collapsed:
+    reload the best weights (before this epoch's save, so that the save holds them) and
+    set the learning rate to `lr` (1e-5)."""
+
+    def __init__(self, run_dir, lr=1e-5, after_epoch=10):
+        super().__init__()
+        self.best = os.path.join(run_dir, "best.weights.h5")
+        self.lr, self.after_epoch, self.lowest = lr, after_epoch, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or not np.isfinite(loss):
+            return
+        if self.lowest is None or loss <= self.lowest:
+            self.lowest = loss
+        elif loss > 0 and epoch >= self.after_epoch and os.path.exists(self.best):
+            self.model.load_weights(self.best)
+            self.model.optimizer.learning_rate.assign(self.lr)
+            logs["collapsed"] = 1.0
+            print(f"epoch {epoch + 1}: loss {loss:.1f} > 0 after epoch {self.after_epoch}: the "
+                  f"model collapsed; reloaded {self.best}, learning rate {self.lr:g}",
+                  file=sys.stderr, flush=True)
+
+
+def train(config, out):
+    """Train (or resume) the run in `out`, as f_vaes.train does, with the collapse rule and
+    samples at T = 0.9."""
+    return f_vaes.train(config, out, build_model, Config.MODEL_KEYS, temperatures=(0.9,),
+                        monitors=[lambda run_dir: CollapseRule(run_dir, config.collapse_lr)])
+
+
+# =========================================================================== command line
+
+COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
+            "sample": "9x9 grids of samples at each temperature",
+            "interpolate": "interpolations in z between two and between four real images",
+            "sweep": "the same noise at a row of temperatures",
+            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images"}
+
+
+def parse_args(argv=None):
+    return f_vaes.parse_args(argv, __doc__, COMMANDS, Config, "glow", temperatures=(0.9,))
+
+
+def train_config(args):
+    return f_vaes.train_config(args, Config, check_config, "glow")
+
+
+def main(argv=None):
+    def command():
+        args = parse_args(argv)
+        if args.command == "train":
+            train(train_config(args), args.out)
+            return
+        config, model = f_vaes.load_run(args, Config, build_model)
+        {"sample": f_vaes.command_sample, "sweep": f_vaes.command_sweep,
+         "interpolate": f_vaes.command_interpolate,
+         "evaluate": f_vaes.command_evaluate}[args.command](args, config, model)
+    return common.run_main(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""glow.py, the author's Glow baseline of the f-VAE paper (SPEC.md): its flow inverts and its
+log-determinant is the autodiff one, sampling then encoding gives z back, the loss is SPEC's
+formula, dequantisation noise only in training, the author's collapse rule, and the command
+line (train, the commands on a run, one-line errors)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from test_f_vaes import randomise
+from test_same_weights import write_pictures
+import glow
+
+
+def tiny_glow(seed=0, img_size=8, level=2, depth=2, width=8):
+    model = glow.Glow(img_size, level, depth, width, seed)
+    model(np.zeros((1, img_size, img_size, 3), "float32"))
+    randomise(model.flow.trainable_weights, seed=seed)
+    return model
+
+
+def images(n, size=8, seed=0):
+    return np.random.RandomState(seed).uniform(-1, 1, (n, size, size, 3)).astype("float32")
+
+
+def test_flow_inverts_and_sampling_then_encoding_gives_z_back():
+    model = tiny_glow(seed=1)
+    x = images(4)
+    z = model.latent(x)
+    assert z.shape == (4, 8 * 8 * 3)
+    np.testing.assert_allclose(model.generate(z).numpy(), x, atol=1e-4)
+    noise = 0.9 * np.random.RandomState(2).randn(3, 192).astype("float32")
+    np.testing.assert_allclose(model.latent(model.generate(noise)).numpy(), noise, atol=1e-3)
+
+
+def test_logdet_matches_autodiff_jacobian():
+    model = tiny_glow(seed=3, img_size=4, level=2, depth=2)
+    x = tf.constant(images(2, size=4, seed=4))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z, logdet = model.flow(x)
+    jacobian = tape.batch_jacobian(z, x).numpy().reshape(2, 48, 48)
+    expected = np.linalg.slogdet(jacobian.astype(np.float64))[1]
+    np.testing.assert_allclose(logdet.numpy(), expected, atol=1e-3)
+    assert np.abs(expected).max() > 0.1  # the randomised flow is far from volume-preserving
+
+
+def test_loss_is_specs_formula_and_noise_is_added_in_training_only():
+    model = tiny_glow(seed=5)
+    x = images(3, seed=6)
+    parts = {k: v.numpy() for k, v in model.loss_parts(x).items()}
+    z, logdet = (t.numpy() for t in model.flow(x))
+    dims = 8 * 8 * 3
+    expected = 0.5 * (z.astype(np.float64) ** 2).sum(1) + 0.5 * np.log(2 * np.pi) * dims - logdet
+    np.testing.assert_allclose(parts["loss"], expected, rtol=1e-5)
+    np.testing.assert_allclose(parts["bits_per_dim"],
+                               (expected + dims * np.log(128)) / (dims * np.log(2)), rtol=1e-5)
+    np.testing.assert_array_equal(model.loss_parts(x)["loss"], parts["loss"])  # no noise
+    noisy = model.loss_parts(x, training=True)["loss"].numpy()
+    assert not np.allclose(noisy, parts["loss"])
+    # U(0, 1/256) moves every pixel by less than 1/256: the loss moves by a small amount
+    assert np.abs(noisy - parts["loss"]).max() < 0.05 * np.abs(parts["loss"]).max()
+
+
+def test_collapse_rule_reloads_the_best_weights_with_a_lower_rate(tmp_path):
+    model = glow.build_model(glow.Config(img_size=8, level=2, depth=1, coupling_width=8, seed=0))
+    model.save_weights(str(tmp_path / "best.weights.h5"))
+    best = [w.numpy() for w in model.trainable_weights]
+    rule = glow.CollapseRule(str(tmp_path), lr=1e-5)
+    rule.set_model(model)
+    for epoch, loss in enumerate([-5.0, -6.0, -5.5]):
+        rule.on_epoch_end(epoch, {"loss": loss})
+    randomise(model.trainable_weights, seed=9)
+    model.trainable_weights[0].assign(model.trainable_weights[0] + 1.0)
+    logs = {"loss": 3.0}
+    rule.on_epoch_end(5, logs)  # positive, but before epoch 11: the author waits
+    assert "collapsed" not in logs
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
+    rule.on_epoch_end(11, logs)
+    assert logs["collapsed"] == 1.0
+    np.testing.assert_allclose(float(model.optimizer.learning_rate.numpy()), 1e-5)
+    for weight, saved in zip(model.trainable_weights, best):
+        np.testing.assert_array_equal(weight.numpy(), saved)
+
+
+def test_paper_configuration_parameter_count():
+    """The author's 64x64 Glow (3 levels x 10 steps, width 512) counted by hand: per step an
+    ActNorm (2c) and the coupling NN (3x3 c/2->512, 1x1 512->512, 3x3 512->c/2, with biases)
+    at c = 12, 24, 48 channels; a CondActNorm 3x3 conv (c/2 -> c) at the first two factor-outs;
+    the final ActNorm on 48 channels."""
+    expected = 2 * 48
+    for level, c in enumerate((12, 24, 48)):
+        half = c // 2
+        step = 2 * c + (9 * half * 512 + 512) + (512 * 512 + 512) + (9 * 512 * half + half)
+        expected += 10 * step + ((9 * half * c + c) if level < 2 else 0)
+    model = glow.build_model(glow.Config(img_size=64, seed=0))
+    assert glow.f_vaes.count(model.trainable_weights) == expected == 11_771_232
+
+
+def test_command_line_trains_resumes_and_runs_the_commands(tmp_path):
+    pictures = write_pictures(str(tmp_path / "pictures"), n=12)
+    run = str(tmp_path / "run")
+    argv = ["--img-size", "16", "--level", "2", "--depth", "1", "--coupling-width", "8",
+            "--batch-size", "4", "--steps-per-epoch", "2", "--holdout", "4", "--seed", "3",
+            "--data-dir", pictures, "--out", run]
+    assert glow.main([*argv, "--epochs", "1"]) == 0
+    assert glow.main([*argv, "--epochs", "2"]) == 0  # resumes
+    assert json.load(open(os.path.join(run, "state.json")))["epochs_done"] == 2
+    assert os.path.isfile(os.path.join(run, "samples_T0.9_latest.png"))
+    for command in (["sample"], ["interpolate", "--rows", "1", "--cols", "3"],
+                    ["sweep", "--rows", "1"], ["evaluate"]):
+        assert glow.main([*command, "--out", run]) == 0, command
+    evaluated = json.load(open(os.path.join(run, "evaluate.json")))
+    assert evaluated["images"] == 4 and 0 < evaluated["bits_per_dim"] < 20
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--img-size", "20"], "--img-size 20: must be a positive multiple of 2^level = 8"),
+    (["--depth", "0"], "--depth 0: must be at least 1"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number"),
+])
+def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "glow.py"), *flags,
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and not (tmp_path / "run").exists()
