@@ -86,11 +86,14 @@ class Config(FaceRunSettings):
                                   "input at S/8 x S/8; 192 keeps as many numbers as the image, "
                                   "fewer gives the paper's dimension-reducing f-VAE (an even "
                                   "number: the flow halves it at every level)")
+    posterior: str = option("flow", "flow: the f-VAE; gaussian: the paper's first special case, "
+                            "a VAE with posterior N(E(x), diag(sigma(x)^2)) from the same encoder "
+                            "and decoder (no flow)", choices=("flow", "gaussian"))
 
     # A resumed run must keep these (latent_channels: compared only with runs that saved it;
     # earlier runs have 192)
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout",
-                  "latent_channels")
+                  "latent_channels", "posterior")
 
 
 def check_config(c):
@@ -359,14 +362,22 @@ class FVAE(guards.GuardedModel):
     LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
 
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
-                 sync_bn=False, latent_channels=LATENT_CHANNELS, **kwargs):
+                 sync_bn=False, latent_channels=LATENT_CHANNELS, posterior="flow", **kwargs):
         super().__init__(**kwargs)
         self.img_size = img_size
         self.latent_dims = int(np.prod(latent_shape(img_size, latent_channels)))  # d (D at 192)
         self.encoder = build_encoder(img_size, res_steps, sync_bn, latent_channels)
         self.decoder = build_decoder(img_size, res_steps, sync_bn, latent_channels)
-        self.flow = MultiScaleFlow(latent_shape(img_size, latent_channels), level, depth,
-                                   coupling_width, seed, name="flow")
+        self.gaussian = posterior == "gaussian"
+        if self.gaussian:  # the VAE: z = v, log sigma(x) = s_u + Conv1x1_zeroinit(E(x))
+            self.flow = Reshape((-1,), source_shape=latent_shape(img_size, latent_channels),
+                                name="flatten")
+            self.log_scale_head = keras.layers.Conv2D(latent_channels, 1,
+                                                      kernel_initializer="zeros",
+                                                      name="log_scale_head")
+        else:
+            self.flow = MultiScaleFlow(latent_shape(img_size, latent_channels), level, depth,
+                                       coupling_width, seed, name="flow")
         self.log_precision = self.add_weight(shape=(), initializer="zeros", name="log_precision")
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
@@ -380,6 +391,17 @@ class FVAE(guards.GuardedModel):
         if noise is None:
             noise = distribute.replica_draw(
                 lambda shape: keras.random.normal(shape, seed=self.seed_generator), ops.shape(h))
+        if self.gaussian:  # posterior N(h, diag(exp(s_u + head(h))^2)): flow = identity
+            log_scale = self.log_noise_scale + self.log_scale_head(h)
+            v = ops.exp(log_scale) * noise + h
+            reconstruction = self.decoder(v, training=training)
+            flow_latent, _ = self.flow(v)
+            # log|det dv/du| = sum(log sigma(x)) = d*s_u (fvae_loss's entropy term) + the
+            # head's sum, which takes the flow log-determinant's place (z = v)
+            head_logdet = ops.sum(ops.reshape(log_scale - self.log_noise_scale,
+                                              (ops.shape(h)[0], -1)), axis=-1)
+            return fvae_loss(x, reconstruction, noise, flow_latent, head_logdet,
+                             self.log_precision, self.log_noise_scale)
         v = ops.exp(self.log_noise_scale) * noise + h
         reconstruction = self.decoder(v, training=training)
         flow_latent, flow_logdet = self.flow(v)
@@ -441,7 +463,7 @@ def build_model(config, verbose=False):
     """The f-VAE of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
                  config.coupling_width, config.seed, config.sync_bn, config.latent_channels,
-                 name="fvae")
+                 config.posterior, name="vae" if config.posterior == "gaussian" else "fvae")
     model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
@@ -643,14 +665,43 @@ def command_evaluate(args, config, model):
     keras.utils.set_random_seed(args.seed)
     dataset = datasets.image_dataset(files, config.img_size, min(config.batch_size, len(files)),
                                      dequantise)
-    results = model.evaluate(dataset, return_dict=True, verbose=0)
+    samples = getattr(args, "samples", 1)
+    if samples > 1:
+        results = importance_weighted(model, dataset, samples)
+    else:
+        results = model.evaluate(dataset, return_dict=True, verbose=0)
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
-          f"(x_int + U(0,1))/256*2-1), nats per image:")
+          f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image:")
     for name in model.LOG_NAMES:
         print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
-                      {"images": len(files), **{k: float(v) for k, v in results.items()}})
+                      {"images": len(files), "samples": samples,
+                       **{k: float(v) for k, v in results.items()}})
     return results
+
+
+def iwae_bound(losses):
+    """The importance-weighted bound (Burda et al. 2016) of K per-sample losses (K, N), each
+    -log p(x, z_k) + log q(z_k | x) in nats: -log mean_k exp(-loss_k), per image. K = 1 is the
+    ELBO; the bound tightens (does not grow, in expectation) as K grows."""
+    losses = np.asarray(losses, np.float64)
+    lowest = losses.min(axis=0)
+    return lowest - np.log(np.mean(np.exp(-(losses - lowest)), axis=0))
+
+
+def importance_weighted(model, dataset, samples):
+    """Mean IWAE bound over the images of `dataset` with `samples` posterior draws each, as
+    the `loss` and `bits_per_dim` of evaluate (the other parts: their mean over the draws)."""
+    bounds, parts = [], {name: [] for name in model.LOG_NAMES if name not in ("loss", "bits_per_dim")}
+    for x in dataset:
+        draws = [model.loss_parts(x) for _ in range(samples)]  # a new u each call
+        bounds.append(iwae_bound([ops.convert_to_numpy(d["loss"]) for d in draws]))
+        for name in parts:
+            parts[name].append(np.mean([ops.convert_to_numpy(d[name]) for d in draws], axis=0))
+    loss = float(np.mean(np.concatenate(bounds)))
+    dims = model.img_size ** 2 * 3
+    return {"loss": loss, "bits_per_dim": float(bits_per_dim(loss, dims)),
+            **{name: float(np.mean(np.concatenate(v))) for name, v in parts.items()}}
 
 
 def command_encode(args, config, model):
@@ -765,6 +816,9 @@ def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")
+    commands["evaluate"].add_argument("--samples", type=int, default=1, metavar="K",
+                                      help="posterior samples per image: K > 1 gives the "
+                                           "importance-weighted bound, tighter than the ELBO")
 
 
 def parse_args(argv=None, doc=__doc__, command_help=None, config_class=None, run_name="fvae",
@@ -778,7 +832,7 @@ def parse_args(argv=None, doc=__doc__, command_help=None, config_class=None, run
                                         f"same --out resumes (default: runs/{run_name}<img-size>)")
     add_run_command_flags(commands, temperatures)
     args = parser.parse_args(argv)
-    common.check_at_least(args, 1, *[f for f in ("rows", "cols") if hasattr(args, f)])
+    common.check_at_least(args, 1, *[f for f in ("rows", "cols", "samples") if hasattr(args, f)])
     return args
 
 
