@@ -49,11 +49,12 @@ def stop(error):
 
 
 def run_main(command):
-    """`command()` as a script's whole run: its result, or the exit a user should see. A bad
+    """`command()` as a script's whole run: 0, or the exit a user should see. A bad
     flag, path or file exits 2 with one line; a run that stopped (after saving) exits with its
     code; Ctrl-C before training started, or a second one, exits saying nothing was saved."""
     try:
-        return command() or 0
+        command()
+        return 0
     except UsageError as e:
         fail(str(e))
     except TrainingStopped as e:

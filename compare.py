@@ -1,0 +1,196 @@
+"""The f-VAE paper's experiment: an f-VAE, a Glow and a VAE of similar size, trained on the
+same faces with the same batch size and steps, compared at the same checkpoints.
+
+    python compare.py --preset reduced      # runs to the end on a 2-core CPU in a few hours
+    python compare.py --preset paper        # the paper's sizes, for a GPU
+
+Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
+the same command continues all three). After every epoch each is evaluated on the same
+held-out images (bits/dim in the f-VAE's convention; the VAEs with the importance-weighted
+bound of K posterior samples, Glow exactly) and the results go to compare.json, compare.md
+(model, trainable parameters, steps, seconds per step, bits/dim at each checkpoint, K),
+bits_per_dim.png (bits/dim against steps) and samples.png (a block per model, samples at
+T = 0.8 and 1.0 from the same noise). The two VAEs' reconstructions of held-out faces are
+written into their run folders (real faces never leave them).
+
+Sizes (trainable parameters, each preset matched within 15 % of its f-VAE; counted here and
+in tests/test_compare.py): the paper preset's f-VAE is the paper's (95,830,082); its Glow is
+the author's widened to 1536 channels and deepened to 12 steps per level (98,985,732); its
+VAE is the f-VAE's encoder and decoder with 122 residual steps per block instead of 12
+(96,204,290), the only way to grow them without changing their shape. The reduced preset
+(32x32): f-VAE 3 levels x 4 steps, width 128, 2 residual steps (8,814,338); Glow 3 x 8,
+width 512 (9,417,660); VAE 11 residual steps (8,707,874).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
+import numpy as np
+
+import common
+import f_vaes
+import glow
+from training import monitor
+
+PRESETS = {
+    "paper": dict(img_size=64, batch_size=32, steps_per_epoch=1000, epochs=150, samples=64,
+                  models={"fvae": [], "glow": ["--depth", "12", "--coupling-width", "1536"],
+                          "vae": ["--res-steps", "122", "--posterior", "gaussian"]}),
+    "reduced": dict(img_size=32, batch_size=32, steps_per_epoch=200, epochs=10, samples=16,
+                    models={"fvae": ["--level", "3", "--depth", "4", "--res-steps", "2",
+                                     "--coupling-width", "128"],
+                            "glow": ["--level", "3", "--depth", "8", "--coupling-width", "512"],
+                            "vae": ["--level", "3", "--res-steps", "11",
+                                    "--posterior", "gaussian"]}),
+    # a smoke test of every output (tests/test_compare.py), not an experiment
+    "tiny": dict(img_size=16, batch_size=4, steps_per_epoch=2, epochs=2, samples=4,
+                 models={"fvae": ["--level", "2", "--depth", "1", "--res-steps", "1",
+                                  "--coupling-width", "8"],
+                         "glow": ["--level", "2", "--depth", "1", "--coupling-width", "8"],
+                         "vae": ["--level", "2", "--res-steps", "1", "--posterior", "gaussian"]}),
+}
+SCRIPTS = {"fvae": f_vaes, "glow": glow, "vae": f_vaes}
+
+
+def train_argv(preset, name, args):
+    """The training command line of one model (without --epochs)."""
+    return [*preset["models"][name], "--img-size", str(preset["img_size"]),
+            "--batch-size", str(preset["batch_size"]),
+            "--steps-per-epoch", str(preset["steps_per_epoch"]), "--holdout", str(args.holdout),
+            "--seed", str(args.seed), "--data-dir", args.data_dir,
+            "--out", os.path.join(args.out, name)]
+
+
+def run_script(script, argv):
+    code = script.main(argv)
+    if code:
+        raise common.TrainingStopped(f"{script.__name__}.py {' '.join(argv)} exited with {code}")
+
+
+def compare(args):
+    preset = PRESETS[args.preset]
+    os.makedirs(args.out, exist_ok=True)
+    results_path = os.path.join(args.out, "compare.json")
+    results = common.read_json(results_path) if os.path.exists(results_path) else {
+        "preset": args.preset, "rows": []}
+    done = {(r["model"], r["epoch"]) for r in results["rows"]}
+    for epoch in range(1, preset["epochs"] + 1):
+        for name, script in SCRIPTS.items():
+            if (name, epoch) in done:
+                continue
+            print(f"--- {name}: epoch {epoch} of {preset['epochs']}", flush=True)
+            started = time.time()
+            run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
+            seconds = time.time() - started
+            samples = 1 if name == "glow" else preset["samples"]  # Glow's likelihood is exact
+            run_dir = os.path.join(args.out, name)
+            run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
+                                "--samples", str(samples), "--seed", "0"])
+            evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
+            results["rows"].append({
+                "model": name, "epoch": epoch, "steps": epoch * preset["steps_per_epoch"],
+                "seconds_per_step": seconds / preset["steps_per_epoch"],
+                "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
+                "held_out_images": evaluated["images"],
+                "trainable_parameters": trainable_parameters(script, run_dir)})
+            common.write_json(results_path, results)
+    write_outputs(args.out, results, preset)
+    for name in ("fvae", "vae"):
+        run_script(f_vaes, ["reconstruct", "--out", os.path.join(args.out, name),
+                            "--weights", "latest", "--rows", "4", "--cols", "6"])
+    return results
+
+
+def trainable_parameters(script, run_dir):
+    config = common.config_from_json(script.Config, common.read_json(
+        os.path.join(run_dir, "config.json")))
+    config.jit_compile = False
+    return f_vaes.count(script.build_model(config).trainable_weights)
+
+
+def write_outputs(out, results, preset):
+    """compare.md (the table), bits_per_dim.png (the curves) and samples.png (the pictures)."""
+    rows = results["rows"]
+    models = list(SCRIPTS)
+    epochs = sorted({r["epoch"] for r in rows})
+    table = ["| model | trainable parameters | K | s/step | "
+             + " | ".join(f"bits/dim at {e * preset['steps_per_epoch']} steps" for e in epochs)
+             + " |", "|---" * (4 + len(epochs)) + "|"]
+    for name in models:
+        mine = {r["epoch"]: r for r in rows if r["model"] == name}
+        if not mine:
+            continue
+        last = mine[max(mine)]
+        seconds = np.median([r["seconds_per_step"] for r in mine.values()])
+        table.append(f"| {name} | {last['trainable_parameters']:,} | {last['samples']} | "
+                     f"{seconds:.3f} | " + " | ".join(
+                         f"{mine[e]['bits_per_dim']:.3f}" if e in mine else "" for e in epochs)
+                     + " |")
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    figure, axis = pyplot.subplots(figsize=(5, 3.4))
+    for name in models:
+        mine = sorted((r["steps"], r["bits_per_dim"]) for r in rows if r["model"] == name)
+        if mine:
+            axis.plot(*zip(*mine), marker="o", label=name)
+    axis.set_xlabel("training steps")
+    axis.set_ylabel("held-out bits/dim")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(out, "bits_per_dim.png"), dpi=100)
+    pyplot.close(figure)
+
+    blocks = []
+    for name, script in SCRIPTS.items():
+        run_dir = os.path.join(out, name)
+        if not os.path.exists(os.path.join(run_dir, "latest.weights.h5")):
+            continue
+        _, model = f_vaes.load_run(argparse.Namespace(out=run_dir, weights="latest"),
+                                   script.Config, script.build_model)
+        pictures = [f_vaes.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
+        grid = common.image_grid(np.concatenate(pictures), 2, 8)
+        label = f"{name}: T = 0.8 (top), 1.0 (bottom), the same noise for every model"
+        from feature_eval import label_strip
+        blocks.append(np.concatenate([label_strip(grid.shape[1], 24, [(label, 0)]), grid]))
+    if blocks:
+        common.write_png(os.path.join(out, "samples.png"), np.concatenate(blocks))
+        monitor.log_picture(out, "samples", np.concatenate(blocks), len(epochs))
+
+
+def parse_args(argv=None):
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=common.DefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
+                        help="reduced: 32x32, runs here in a few hours; paper: the paper's "
+                             "sizes (a GPU); tiny: a smoke test")
+    parser.add_argument("--data-dir", default=None,
+                        help="the faces (default: the shared 64x64 CelebA folder)")
+    parser.add_argument("--out", default=None, help="default: runs/compare-<preset>")
+    parser.add_argument("--holdout", type=int, default=500,
+                        help="the last N files of the sorted folder, the same for every model")
+    parser.add_argument("--seed", type=int, default=0, help="the same for every model")
+    args = parser.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
+    args.data_dir = args.data_dir or os.path.relpath(f_vaes.DEFAULT_DATA[64])
+    common.check_at_least(args, 1, "holdout")
+    if not os.path.isdir(args.data_dir):
+        raise common.UsageError(f"--data-dir {args.data_dir!r}: no such folder (a folder of "
+                                "PNG/JPEG faces)")
+    return args
+
+
+def main(argv=None):
+    return common.run_main(lambda: compare(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""compare.py, the f-VAE paper's experiment: at tiny sizes it writes every output; its
+presets match the models' trainable parameters within 15 %."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import imageio.v3 as iio
+
+from conftest import ROOT
+from test_same_weights import write_pictures
+import compare
+import f_vaes
+import glow
+
+
+def counts(preset):
+    """Trainable parameters of the preset's three models, built from their command lines."""
+    found = {}
+    for name, script in compare.SCRIPTS.items():
+        args = script.parse_args([*compare.PRESETS[preset]["models"][name],
+                                  "--img-size", str(compare.PRESETS[preset]["img_size"]),
+                                  "--seed", "0", "--out", "unused"])
+        config = f_vaes.common.config_from_args(script.Config, args)
+        config.jit_compile = False
+        found[name] = f_vaes.count(script.build_model(config).trainable_weights)
+    return found
+
+
+def test_reduced_preset_matches_parameters_within_15_percent():
+    found = counts("reduced")
+    assert found == {"fvae": 8_814_338, "glow": 9_417_660, "vae": 8_707_874}
+    for name in ("glow", "vae"):
+        assert abs(found[name] / found["fvae"] - 1) < 0.15
+
+
+@pytest.mark.slow
+def test_paper_preset_matches_parameters_within_15_percent():
+    found = counts("paper")
+    assert found == {"fvae": 95_830_082, "glow": 98_985_732, "vae": 96_204_290}
+
+
+def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
+    pictures = write_pictures(str(tmp_path / "faces"), n=14)
+    out = tmp_path / "compare"
+    argv = ["--preset", "tiny", "--data-dir", pictures, "--out", str(out), "--holdout", "4"]
+    assert compare.main(argv) == 0
+    results = json.load(open(out / "compare.json"))
+    assert sorted((r["model"], r["epoch"]) for r in results["rows"]) == sorted(
+        (m, e) for m in ("fvae", "glow", "vae") for e in (1, 2))
+    for row in results["rows"]:
+        assert np.isfinite(row["bits_per_dim"]) and row["held_out_images"] == 4
+        assert row["samples"] == (1 if row["model"] == "glow" else 4)
+    table = (out / "compare.md").read_text()
+    assert "| fvae |" in table and "| glow |" in table and "| vae |" in table
+    assert "bits/dim at 4 steps" in table
+    assert iio.imread(out / "bits_per_dim.png").ndim == 3
+    assert iio.imread(out / "samples.png").shape[1] == 8 * 16
+    for name in ("fvae", "vae"):
+        assert (out / name / "reconstruct_pairs.png").is_file()
+    assert compare.main(argv) == 0  # everything done: nothing trained again
+    assert len(json.load(open(out / "compare.json"))["rows"]) == 6
+
+
+def test_bad_data_folder_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "--data-dir",
+                             str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--data-dir" in result.stderr
