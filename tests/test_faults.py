@@ -6,11 +6,14 @@ unreadable image files, wrong flags."""
 import csv
 import errno
 import hashlib
+import io
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -33,6 +36,7 @@ import f_vaes
 import infomax
 from test_common import write_messy_folder
 from test_f_vaes import TINY_FLAGS
+from test_infomax import make_cifar_fixture, write_cifar_batch
 
 RNG = np.random.RandomState(0)
 
@@ -614,6 +618,71 @@ def test_a_folder_without_a_usable_image_is_an_error_before_training(script, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --data-dir") and str(tmp_path / "data") in err
     assert not (run / "latest.weights.h5").exists() and not (run / "log.csv").exists()
+
+
+class WritesMarker:
+    """A pickled object that, when unpickled by `pickle.load`, runs code: it writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the payload ran')",)
+
+
+@pytest.mark.parametrize("packed", ["folder", "tarball"])
+def test_a_crafted_cifar_batch_runs_no_code_and_is_named(packed, tmp_path, capsys):
+    """A data_batch_1 in the official format with one more item whose unpickling runs code (it
+    would write a marker file). infomax.py refuses it: exit 2, one line naming the file and
+    the refused global, before any model is built; the marker never appears. The same file
+    given to plain pickle.load does write the marker: the payload is real."""
+    batches, _ = make_cifar_fixture(str(tmp_path / "data"), rows=2)
+    marker = tmp_path / "marker"
+    crafted = os.path.join(batches, "data_batch_1")
+    write_cifar_batch(crafted, np.zeros((2, 32, 32, 3), np.uint8), [0, 1],
+                      extra={b"payload": WritesMarker(marker)})
+    data_dir = str(tmp_path / "data")
+    if packed == "tarball":
+        data_dir = str(tmp_path / "cifar-10-python.tar.gz")
+        with tarfile.open(data_dir, "w:gz") as tar:
+            tar.add(batches, arcname="cifar-10-batches-py")
+        crafted = f"{data_dir}:cifar-10-batches-py/data_batch_1"
+    argv = ["--dataset", "cifar10", "--data-dir", data_dir, "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--epochs", "1", "--monitor-knn", "0", "--no-baseline"]
+    assert main_exit_code(infomax, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{crafted}: not readable as a CIFAR-10 python batch" in err[0]
+    assert "refused __builtin__.exec" in err[0]  # as Python 2 named builtins
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "latest.weights.h5").exists()
+
+    with open(os.path.join(batches, "data_batch_1"), "rb") as f:
+        pickle.load(f, encoding="bytes")  # what the loader did before
+    assert marker.read_text() == "the payload ran"
+
+
+def test_the_cifar_reader_refuses_every_global_but_numpy_arrays(tmp_path):
+    """Python 3 pickles of the same dict: protocol 4 (bytes need no global) loads; protocol 2
+    stores bytes through _codecs.encode, which the official files never name: refused, as
+    os.system is."""
+    images, labels = np.zeros((2, 32, 32, 3), np.uint8), [3, 4]
+    batch = {b"batch_label": b"x", b"labels": labels,
+             b"data": images.transpose(0, 3, 1, 2).reshape(2, 3072)}
+    loaded = datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=4)))
+    assert loaded[0].shape == (2, 32, 32, 3) and list(loaded[1]) == labels
+    with pytest.raises(pickle.UnpicklingError, match="refused _codecs.encode"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=2)))
+    with pytest.raises(pickle.UnpicklingError, match="refused (posix|os).system"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"x": SystemCall()}, protocol=4)))
+    with pytest.raises(ValueError, match="expected uint8"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"data": np.zeros((2, 5))},
+                                                          protocol=4)))
+
+
+class SystemCall:
+    def __reduce__(self):
+        return os.system, ("true",)
 
 
 # --------------------------------------------------------------------------- bad flags and places
