@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -289,10 +290,9 @@ def ensure_writable_dir(path, flag="--out"):
     """Create `path` if needed and check that a file can be written there, before any work."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.NamedTemporaryFile("w", dir=path, prefix=".write_test") as f:
+            f.write("ok")  # a name of its own: two commands starting at once may both probe
+            f.flush()
     except OSError as e:
         raise UsageError(f"{flag} {path!r}: cannot write there ({e.strerror or e})") from None
     return path

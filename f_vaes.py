@@ -466,26 +466,27 @@ def sample_images(model, n, temperature, seed=0, batch=32):
 
 def train(config, out):
     """Train (or resume) the run in `out` (config resolved by `train_config`)."""
-    run = prepare_run(config, out, Config.MODEL_KEYS)
-    files = common.list_image_files(config.data_dir)
-    train_files, held_out = split_files(files, config.holdout)
-    train_files, _ = common.find_readable_images(train_files, config.img_size)
-    if not train_files:
-        raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the training files")
-    print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
-          f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
+    with prepare_run(config, out, Config.MODEL_KEYS) as run:
+        files = common.list_image_files(config.data_dir)
+        train_files, held_out = split_files(files, config.holdout)
+        train_files, _ = common.find_readable_images(train_files, config.img_size)
+        if not train_files:
+            raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the "
+                             "training files")
+        print(f"{len(train_files)} training images, {len(held_out)} held out (the last files "
+              f"of the sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
 
-    def build():
-        keras.utils.set_random_seed(config.seed)
-        return build_model(config, verbose=True)
+        def build():
+            keras.utils.set_random_seed(config.seed)
+            return build_model(config, verbose=True)
 
-    def stream(images_seen):  # the data stream is a function of its position: resumes exactly
-        # (and is the same on every worker of a cluster: each keeps its part of every batch)
-        return datasets.image_stream(train_files, config.img_size, config.batch_size,
-                                     scale_pixels, config.seed, start=images_seen)
+        def stream(images_seen):  # a function of its position in the data: resumes exactly
+            # (and the same on every worker of a cluster: each keeps its part of every batch)
+            return datasets.image_stream(train_files, config.img_size, config.batch_size,
+                                         scale_pixels, config.seed, start=images_seen)
 
-    return fit_run(run, config, Config.MODEL_KEYS, build, stream, config.steps_per_epoch,
-                   callbacks=[SampleGrids(run.dir, seed=config.seed)])
+        return fit_run(run, config, Config.MODEL_KEYS, build, stream, config.steps_per_epoch,
+                       callbacks=[SampleGrids(run.dir, seed=config.seed)])
 
 
 # =========================================================================== commands on a run

@@ -392,36 +392,36 @@ def train(config, out, evaluation):
                              f"{len(training_set[0])} training images")
         return training_set, test_set
 
-    run = prepare_run(config, out, Config.MODEL_KEYS, per_replica_minimum=2,  # 2: a negative
-                      load_data=checked_data)                               # in every replica
-    training_set, test_set = run.data
-    print(f"{config.dataset}: {len(training_set[0])} training and {len(test_set[0])} test images "
-          f"of {config.img_size}x{config.img_size}")
-    steps = config.steps_per_epoch or len(training_set[0]) // config.batch_size
+    with prepare_run(config, out, Config.MODEL_KEYS, per_replica_minimum=2,  # 2: a negative
+                     load_data=checked_data) as run:                        # in every replica
+        training_set, test_set = run.data
+        print(f"{config.dataset}: {len(training_set[0])} training and {len(test_set[0])} test "
+              f"images of {config.img_size}x{config.img_size}")
+        steps = config.steps_per_epoch or len(training_set[0]) // config.batch_size
 
-    def build():
-        model = build_model(config)
-        print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor x -> "
-              f"mu {count(feature_extractor(model.encoder).trainable_weights):,}), "
-              f"{count(model.non_trainable_weights):,} batch-norm statistics")
+        def build():
+            model = build_model(config)
+            print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor "
+                  f"x -> mu {count(feature_extractor(model.encoder).trainable_weights):,}), "
+                  f"{count(model.non_trainable_weights):,} batch-norm statistics")
+            return model
+
+        def stream(images_seen):
+            return training_stream(training_set[0], config.batch_size, config.pixel_range,
+                                   config.seed, start=images_seen)
+
+        monitors = []
+        if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):
+            monitors.append(feature_eval.KnnMonitor(training_set, test_set, pixel_scale(config),
+                                                    config.monitor_knn, config.seed))
+        model = fit_run(run, config, Config.MODEL_KEYS, build, stream, steps, monitors=monitors,
+                        callbacks=[SaveEncoder(run.dir)])
+        if distribute.is_chief(run.strategy):
+            evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
+        else:
+            print("the chief evaluates the encoder and writes the pictures")
+        distribute.wait_for_all_workers(run.strategy)
         return model
-
-    def stream(images_seen):
-        return training_stream(training_set[0], config.batch_size, config.pixel_range,
-                               config.seed, start=images_seen)
-
-    monitors = []
-    if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):
-        monitors.append(feature_eval.KnnMonitor(training_set, test_set, pixel_scale(config),
-                                                config.monitor_knn, config.seed))
-    model = fit_run(run, config, Config.MODEL_KEYS, build, stream, steps, monitors=monitors,
-                    callbacks=[SaveEncoder(run.dir)])
-    if distribute.is_chief(run.strategy):
-        evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
-    else:
-        print("the chief evaluates the encoder and writes the pictures")
-    distribute.wait_for_all_workers(run.strategy)
-    return model
 
 
 def evaluate_encoder(run_dir, encoder, config, training_set, test_set, evaluation):

@@ -582,6 +582,48 @@ def test_sigkills_at_random_moments_lose_nothing_and_change_nothing(fvae_referen
         np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
 
 
+# --------------------------------------------------------------------------- two trainers
+
+def test_a_second_trainer_on_the_same_folder_stops_at_once_and_a_killed_ones_lock_blocks_nothing(
+        tmp_path, capsys):
+    """Two real processes with the same command: while the first trains (paused in epoch 2's
+    save), the second exits 2 with one line naming the first (its pid and command) and changes
+    nothing in the folder; a command that only reads the run (sample) works meanwhile. The
+    first is then killed (SIGKILL: its lock file stays behind), and the same command resumes
+    from epoch 1 and finishes, and removes the lock file."""
+    data = write_faces(tmp_path / "faces")
+    run = tmp_path / "run"
+    argv = fvae_argv(data, run, 2)
+    first = Training("f_vaes.py", argv, tmp_path, env={fault_hooks.PAUSE_ENV: "2:90"})
+    try:
+        first.wait_for(lambda: first.saw("pausing before renaming"))
+        lock = run / training.run.RunFolderLock.NAME
+        assert f"pid {first.process.pid} on " in lock.read_text()
+        before = folder_digest(run)
+        second = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "fault_hooks.py"), "f_vaes.py", *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and errors[0] == second.stderr.strip().splitlines()[-1]
+        assert errors[0].startswith(f"error: --out {str(run)!r}: another training command is "
+                                    f"running on this run folder (pid {first.process.pid} on ")
+        assert "f_vaes.py --img-size 16 " in errors[0]  # the command that holds the folder
+        assert folder_digest(run) == before
+
+        assert main_exit_code(f_vaes, ["sample", "--out", str(run), "--rows", "1", "--cols", "2"]) == 0
+        first.process.send_signal(signal.SIGKILL)
+        assert first.finish() == -signal.SIGKILL
+    finally:
+        first.kill()
+    assert lock.exists()  # left by the killed process, and no obstacle:
+    capsys.readouterr()
+    assert main_exit_code(f_vaes, argv) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1", "2"]
+    assert not lock.exists()
+
+
 # --------------------------------------------------------------------------- bad data
 
 @pytest.mark.parametrize("script", ["f_vaes", pytest.param("infomax", marks=pytest.mark.slow)])
