@@ -150,6 +150,19 @@ def config_from_json(config_class, saved):
     return config_class(**{k: v for k, v in saved.items() if k in names})
 
 
+def config_kinds(config_class):
+    """{field: (its type, whether null is allowed)} of a config dataclass, for `read_run_json`:
+    null where the field's default is None."""
+    return {f.name: (f.type, f.default is None) for f in dataclasses.fields(config_class)}
+
+
+def read_run_config(path, config_class):
+    """The dataclass saved in a run's config.json, checked by `read_run_json` against the
+    fields' types (the model's keys, `MODEL_KEYS`, must be there)."""
+    return config_from_json(config_class, read_run_json(
+        path, config_kinds(config_class), required=getattr(config_class, "MODEL_KEYS", ())))
+
+
 def check_at_least(config, minimum, *names):
     """`--epochs 0: must be at least 1` (`must be 0 or more` for 0), the one wording of a
     too-small number (None: unset)."""
@@ -310,4 +323,51 @@ def write_json(path, obj):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              list: "a list", tuple: "a list", dict: "an object"}
+
+
+def is_json_kind(value, kind):
+    """Whether a value read from JSON fits the Python type `kind`: a list for a tuple, an
+    integer also for a float, true/false for a bool only."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, list if kind is tuple else kind)
+
+
+def read_run_json(path, kinds, required=(), fix="repair it, or move the run folder away"):
+    """The JSON object in a run folder's file (config.json, state.json), checked before anything
+    uses it: `kinds` maps keys to (type, null allowed); `required` keys must be there and not
+    null. A file that is not JSON, not an object, without a required key or with a value of
+    another type (damaged, or edited by hand) is a one-line UsageError naming the file and the
+    key, never a traceback, and `fix`, what to do; the file is left as it is."""
+    fix = f"damaged or edited by hand? {fix}"
+    try:
+        saved = read_json(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UsageError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: holds {short_repr(saved)}, not a JSON object; {fix}")
+    for key in required:
+        if saved.get(key) is None:
+            raise UsageError(f"{path}: key {key!r} is {'null' if key in saved else 'missing'}; "
+                             f"{fix}")
+    for key, (kind, nullable) in kinds.items():
+        if key not in saved or (saved[key] is None and nullable):
+            continue
+        if not is_json_kind(saved[key], kind):
+            raise UsageError(f"{path}: key {key!r} is {short_repr(saved[key])}, expected "
+                             f"{JSON_KINDS.get(kind, kind.__name__)}; {fix}")
+    return saved
+
+
+def short_repr(value, width=40):
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 

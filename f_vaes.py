@@ -497,7 +497,7 @@ def load_run(args):
     if not args.out or not os.path.exists(path):
         raise UsageError(f"--out {args.out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
-    config = common.config_from_json(Config, common.read_json(path))
+    config = common.read_run_config(path, Config)
     config.jit_compile = False
     config.data_dir = getattr(args, "data_dir", None) or config.data_dir
     weights = os.path.join(args.out, f"{args.weights}.weights.h5")
@@ -662,7 +662,8 @@ def train_config(args):
     if not args.out:
         raise UsageError("--out is required: the run folder to write (or resume)")
     saved_path = os.path.join(args.out, "config.json")
-    saved = common.read_json(saved_path) if os.path.exists(saved_path) else {}
+    saved = (common.read_run_json(saved_path, common.config_kinds(Config))
+             if os.path.exists(saved_path) else {})
     data_dir = args.data_dir or saved.get("data_dir") or DEFAULT_DATA.get(args.img_size)
     if not data_dir or not os.path.isdir(data_dir):
         raise UsageError(f"--data-dir {args.data_dir or data_dir!r}: no such folder (give "

@@ -9,9 +9,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import (UsageError, find_readable_images, read_json, save_grid, scan_image_folder,
+from common import (UsageError, find_readable_images, save_grid, scan_image_folder,
                     write_json)
 from datasets import decode_images
+from training.checkpoint import read_state
 
 
 def encode(encoder, images, scale, batch_size=500):
@@ -171,7 +172,7 @@ def evaluate_encoder(run_dir, encoder, training_set, test_set, scale, probe_epoc
         print("no labelled test split with two or more classes: skipping the accuracy metrics")
         return None
     state_path = os.path.join(run_dir, "state.json")
-    metrics = {"epochs_done": read_json(state_path)["epochs_done"] if os.path.exists(state_path) else 0,
+    metrics = {"epochs_done": read_state(state_path)["epochs_done"] if os.path.exists(state_path) else 0,
                "train_images": len(bank_images), "test_images": len(query_images),
                "knn": "cosine similarity on raw features; k=1 nearest label; k=200 votes "
                       "weighted by exp(cos/0.07) (InstDisc)",

@@ -444,7 +444,7 @@ def load_run_config(out, weights):
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
         raise UsageError(f"--out {out!r}: no saved run there (expected config.json and "
                          f"{weights}.weights.h5)")
-    config = common.config_from_json(Config, common.read_json(config_path))
+    config = common.read_run_config(config_path, Config)
     config.pixel_range = tuple(config.pixel_range)
     config.jit_compile = False
     return config, weights_path

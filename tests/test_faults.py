@@ -466,6 +466,65 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
+RUN_FILE_DAMAGE = {
+    "config.json cut short": ("config.json", lambda text: text[:len(text) // 2],
+                              "config.json: not valid JSON"),
+    "config.json a list": ("config.json", lambda text: "[1, 2]",
+                           "config.json: holds [1, 2], not a JSON object"),
+    "config.json without depth": ("config.json",
+                                  lambda text: text.replace('"depth": 1,', ""),
+                                  "config.json: key 'depth' is missing"),
+    "config.json img_size a string": ("config.json",
+                                      lambda text: text.replace('"img_size": 16', '"img_size": "16"'),
+                                      "config.json: key 'img_size' is \"16\", expected an integer"),
+    "config.json lr a word": ("config.json", lambda text: text.replace('"lr": 0.0001', '"lr": "fast"'),
+                              "config.json: key 'lr' is \"fast\", expected a number"),
+    "state.json cut short": ("state.json", lambda text: text[:len(text) // 2],
+                             "state.json: not valid JSON"),
+    "state.json epochs_done a word": ("state.json",
+                                      lambda text: text.replace('"epochs_done": 3', '"epochs_done": "three"'),
+                                      "state.json: key 'epochs_done' is \"three\", expected an integer"),
+}
+
+
+@pytest.mark.parametrize("damage", RUN_FILE_DAMAGE)
+def test_a_damaged_or_hand_edited_run_file_is_a_one_line_error_and_stays_as_it_is(
+        damage, fvae_reference, tmp_path, capsys):
+    """config.json or state.json of a finished run cut short, replaced or edited by hand: the
+    same command (and `sample`, which reads config.json) exits 2 with one line naming the file
+    and the key, and nothing in the folder changes (the file is not overwritten)."""
+    data, reference = fvae_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    name, edit, message = RUN_FILE_DAMAGE[damage]
+    text = (run / name).read_text()
+    assert edit(text) != text
+    (run / name).write_text(edit(text))
+    before = folder_digest(run)
+    commands = [fvae_argv(data, run, 4)]
+    if name == "config.json":
+        commands.append(["sample", "--out", str(run), "--rows", "1", "--cols", "1"])
+    for argv in commands:
+        assert main_exit_code(f_vaes, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run / name}: "), err
+        assert message in err[0] and "damaged or edited by hand?" in err[0]
+    assert folder_digest(run) == before
+
+
+def test_a_run_config_without_its_model_keys_is_a_one_line_error_for_infomax_too(existing_runs,
+                                                                                 capsys):
+    run = existing_runs / "infomax"  # config.json is {}
+    for argv in (["evaluate", "--out", str(run)],
+                 ["search", "--out", str(run), "--folder", str(run), "--query", "x.png"]):
+        (run / "encoder.weights.h5").write_bytes(b"weights")
+        assert main_exit_code(infomax, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {run / 'config.json'}: key 'dataset' is missing; damaged or "
+                       "edited by hand? repair it, or move the run folder away"]
+        os.remove(run / "encoder.weights.h5")
+
+
 # --------------------------------------------------------------------------- interruption
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import tensorflow as tf
 import keras
 import h5py
 
-from common import (Interrupted, TrainingStopped, UsageError, flag_name, read_json,
+from common import (Interrupted, TrainingStopped, UsageError, flag_name, read_run_json,
                     write_json)
 from training import distribute
 
@@ -34,20 +34,21 @@ def config_differences(saved, config, keys):
 def check_run_config(run_dir, config, must_match):
     """Save the run's configuration beside its weights, or check a resumed run against it,
     before anything is written: against config.json, or, if that is gone, against the model
-    configuration stored inside the run's weights files.
+    configuration stored inside the run's weights files. A damaged or hand-edited config.json
+    or state.json is a UsageError naming the file and the key, and stays as it is.
 
     `must_match` lists the keys that change the model (a resumed run must use the same).
     Returns what the previous command saved in config.json ({} if none).
     """
     path = os.path.join(run_dir, "config.json")
     source, saved = path, {}
-    if os.path.exists(path):
-        try:
-            saved = read_json(path)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path}: unreadable run configuration ({e})") from None
+    if os.path.exists(path):  # a damaged or hand-edited one is an error, never overwritten
+        kinds = {k: (type(v), True) for k, v in config.items() if v is not None}
+        saved = read_run_json(path, kinds, required=must_match)
     else:
         source, saved = saved_model_config(run_dir)
+    if os.path.exists(os.path.join(run_dir, "state.json")):
+        read_state(os.path.join(run_dir, "state.json"))
     diffs = config_differences(saved, config, [k for k in must_match if k in saved])
     if diffs:
         raise UsageError(f"{source} holds another model: " + "; ".join(diffs)
@@ -63,6 +64,16 @@ def saved_model_config(run_dir):
         with contextlib.suppress(Exception):
             return path, json.loads(weights_attrs(path)["config"])
     return None, {}
+
+
+STATE_KINDS = {"epochs_done": (int, False), "steps_done": (int, False),
+               "images_seen": (int, False), "best": (float, True)}
+
+
+def read_state(path):
+    """A run's state.json (where it is, for people and tools), checked by `read_run_json`."""
+    return read_run_json(path, STATE_KINDS, required=("epochs_done",),
+                         fix="repair or delete it (the weights files hold where the run is)")
 
 
 def atomic_save_weights(model, path, previous=None, **attrs):
@@ -191,6 +202,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         model configuration, or no readable file at all, is a UsageError naming the files.
         """
         self._remove_temporaries()
+        if os.path.exists(self.state_path):
+            read_state(self.state_path)  # damaged or edited by hand: say so, do not overwrite it
         candidates = [p for p in (self.latest, self.previous, self.best) if os.path.exists(p)]
         problems = []
         for path in candidates:
@@ -244,7 +257,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if not weights_are_finite(model):
             raise ValueError("its weights are not finite")
         if "epochs_done" not in saved and os.path.exists(self.state_path):
-            saved = {**read_json(self.state_path), **saved}  # written by an older version
+            saved = {**read_state(self.state_path), **saved}  # written by an older version
         return saved
 
     def _best_value(self, saved):
