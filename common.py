@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,6 +28,11 @@ class TrainingStopped(RuntimeError):
     """A run that cannot go on safely (weights not finite, rollbacks that do not help, a save
     that cannot be written); its last checkpoint is intact. The scripts exit with 1."""
     exit_code = 1
+
+
+class CannotWrite(TrainingStopped):
+    """A file that could not be written (a full disk, a quota), made by `cannot_write`: the
+    file it would have replaced, and every earlier save, are intact. The scripts exit with 1."""
 
 
 class Interrupted(TrainingStopped):
@@ -286,15 +292,20 @@ def image_grid(images, rows, cols, value_range=(-1.0, 1.0)):
     return images.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
-def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0)):
-    """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one)."""
+def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0), kept=None):
+    """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one;
+    one that cannot be written is a CannotWrite, `kept` saying what is safe)."""
     n = len(images)
     cols = cols or int(math.ceil(math.sqrt(n)))
     rows = rows or int(math.ceil(n / cols))
     grid = image_grid(images, rows, cols, value_range)
     tmp = path + ".tmp.png"
-    iio.imwrite(tmp, grid)
-    os.replace(tmp, path)
+    try:
+        iio.imwrite(tmp, grid)
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise cannot_write(path, e, grid.nbytes, kept) from None
     return path
 
 
@@ -311,13 +322,77 @@ def ensure_writable_dir(path, flag="--out"):
     return path
 
 
-def write_json(path, obj):
+# --------------------------------------------------------------------------- files that must not break
+
+def write_json(path, obj, kept=None):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True), kept)
+
+
+def write_text(path, text, kept=None):
+    """Replace a file's text atomically: a temporary file, synced, then renamed. One that cannot
+    be written (a full disk) leaves the old file as it was, removes the temporary one and
+    raises CannotWrite (`kept`: what else is safe, for its message)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise cannot_write(path, e, len(text.encode()), kept) from None
+
+
+def append_text(path, text, kept=None):
+    """Append to a file all of `text` or nothing: a write that fails (a full disk) cuts the file
+    back to its length before, so that it never ends in half a line, and raises CannotWrite."""
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    try:
+        with open(path, "a", newline="") as f:
+            f.write(text)
+            f.flush()
+    except OSError as e:
+        try:
+            if size is None:
+                os.remove(path)
+            else:
+                os.truncate(path, size)  # frees space, needs none
+        except OSError:
+            pass
+        raise cannot_write(path, e, len(text.encode()), kept) from None
+
+
+def cannot_write(path, error, needed=None, kept=None):
+    """The one-line CannotWrite for a file that could not be written: what, why, about how much
+    space it needs and how much is free there, what is intact, and what to do."""
+    why = (os.strerror(error.errno) if getattr(error, "errno", None)
+           else str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    space = []
+    if needed:
+        space.append(f"it needs about {human_size(needed)}")
+    try:
+        space.append(f"{human_size(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)}"
+                     " free there")
+    except OSError:
+        pass
+    return CannotWrite(f"cannot write {path} ({why})" + (f": {', '.join(space)}" if space else "")
+                       + f"; {kept or 'the file it would replace is intact'}: free some space "
+                       "and run the same command again")
+
+
+def human_size(count):
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_json(path):

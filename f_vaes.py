@@ -448,12 +448,13 @@ class SampleGrids(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        kept = f"epoch {epoch + 1} is saved (`sample` draws its grids)"  # the checkpoint came first
         for t in self.temperatures:
             images = sample_images(self.model, self.rows * self.cols, t, self.seed)
             common.save_grid(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
-                             images, self.rows, self.cols)
+                             images, self.rows, self.cols, kept=kept)
             common.save_grid(os.path.join(self.run_dir, f"samples_T{t}_latest.png"),
-                             images, self.rows, self.cols)
+                             images, self.rows, self.cols, kept=kept)
 
 
 def sample_images(model, n, temperature, seed=0, batch=32):

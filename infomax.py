@@ -372,14 +372,20 @@ def random_encoder(config):
 # =========================================================================== training
 
 class SaveEncoder(keras.callbacks.Callback):
-    """After every epoch: the encoder alone, `encoder.weights.h5` (loads into `build_encoder`)."""
+    """After every epoch: the encoder alone, `encoder.weights.h5` (loads into `build_encoder`).
+    `save` again at the end of a command: a save that a full disk stopped after the epoch's
+    checkpoint is made up for by the same command, even when that epoch was the last."""
 
     def __init__(self, run_dir):
         super().__init__()
         self.path = os.path.join(run_dir, "encoder.weights.h5")
 
     def on_epoch_end(self, epoch, logs=None):
-        atomic_save_weights(self.model.encoder, self.path)
+        self.save(self.model.encoder, kept=f"epoch {epoch + 1} is saved; the previous "
+                                           "encoder.weights.h5 is intact")
+
+    def save(self, encoder, kept=None):
+        atomic_save_weights(encoder, self.path, kept=kept)
 
 
 def train(config, out, evaluation):
@@ -414,9 +420,11 @@ def train(config, out, evaluation):
         if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):
             monitors.append(feature_eval.KnnMonitor(training_set, test_set, pixel_scale(config),
                                                     config.monitor_knn, config.seed))
+        save_encoder = SaveEncoder(run.dir)
         model = fit_run(run, config, Config.MODEL_KEYS, build, stream, steps, monitors=monitors,
-                        callbacks=[SaveEncoder(run.dir)])
+                        callbacks=[save_encoder])
         if distribute.is_chief(run.strategy):
+            save_encoder.save(model.encoder)
             evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
         else:
             print("the chief evaluates the encoder and writes the pictures")

@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -523,6 +524,189 @@ def test_a_run_config_without_its_model_keys_is_a_one_line_error_for_infomax_too
         assert err == [f"error: {run / 'config.json'}: key 'dataset' is missing; damaged or "
                        "edited by hand? repair it, or move the run folder away"]
         os.remove(run / "encoder.weights.h5")
+
+
+def full_disk_at(monkeypatch, name, model):
+    """Writes of the run file `name` fail as on a full disk (ENOSPC) after half of their bytes:
+    weights files through `model.save_weights`, the others through common's file helpers."""
+    def no_space():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if name.endswith(".weights.h5"):
+        save_weights = model.save_weights
+
+        def half_then_full(path, overwrite=True):
+            save_weights(path, overwrite=overwrite)
+            if os.path.basename(path).split(".")[0] == name.split(".")[0]:
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[:len(data) // 2])
+                raise no_space()
+
+        monkeypatch.setattr(model, "save_weights", half_then_full)
+        return
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise no_space()
+
+        def __getattr__(self, attribute):
+            return getattr(self.f, attribute)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        writing = any(m in mode for m in "wa+")
+        return HalfWritten(f) if writing and os.path.basename(path).startswith(name) else f
+
+    monkeypatch.setattr(common, "open", opened, raising=False)
+
+
+@pytest.mark.parametrize("target", ["best.weights.h5", "latest.weights.h5", "log.csv",
+                                    "state.json", "events.log"])
+def test_a_full_disk_at_any_write_keeps_the_last_save_and_the_csv_and_the_run_resumes(
+        target, tmp_path, monkeypatch):
+    """Each file an epoch's end writes (the weights files, the CSV line, state.json; events.log
+    when a run resumes) fails half-way as on a full disk. The run stops with one line naming
+    the file, about how much space it needs and how much is free; the last save and log.csv
+    stay whole and loadable, no temporary file is left; the same command then resumes from
+    the last good save and finishes, one CSV line per epoch."""
+    model = tiny_regression()
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=2)
+    training.run.fit_resumable(model, regression_stream, checkpoint, 1, 2, [checkpoint], verbose=0)
+    csv_before = (tmp_path / "log.csv").read_bytes()
+    with monkeypatch.context() as patch, pytest.raises(common.CannotWrite) as stopped:
+        if target == "events.log":  # the first write of a resumed run
+            model = tiny_regression()
+            full_disk_at(patch, target, model)
+            training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
+        else:
+            full_disk_at(patch, target, model)
+            training.run.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint],
+                                       verbose=0)
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write {tmp_path / target} (No space left on device): it "
+                              "needs about ")
+    assert " free there; " in message
+    assert message.endswith(": free some space and run the same command again")
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+    saved = 2 if target in ("log.csv", "state.json") else 1  # the weights came first
+    assert training.checkpoint.weights_attrs(tmp_path / "latest.weights.h5")["epochs_done"] == saved
+    tiny_regression().load_weights(tmp_path / "latest.weights.h5")
+    rows = csv_rows(tmp_path)
+    assert all(len(row) == len(rows[0]) for row in rows)
+    if target == "state.json":
+        assert [r[0] for r in rows] == ["epoch", "1", "2"]
+    else:  # a CSV line is written whole or not at all
+        assert (tmp_path / "log.csv").read_bytes() == csv_before
+
+    model = tiny_regression()
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=2)
+    assert checkpoint.restore(model) == saved
+    training.run.fit_resumable(model, regression_stream, checkpoint, 3, 2, [checkpoint], verbose=0)
+    assert [r[0] for r in csv_rows(tmp_path)] == ["epoch", "1", "2", "3"]
+    assert training.checkpoint.read_state(str(tmp_path / "state.json"))["epochs_done"] == 3
+
+
+def test_a_sample_grid_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "grid.png")
+    common.save_grid(path, np.zeros((4, 8, 8, 3)))
+    before = open(path, "rb").read()
+
+    def half_then_full(file, image, **kwargs):
+        open(file, "wb").write(b"half a PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(common.iio, "imwrite", half_then_full)
+    with pytest.raises(common.CannotWrite, match=r"cannot write .*grid.png \(No space left on "
+                                                 r"device\): it needs about 768 bytes, "):
+        common.save_grid(path, np.ones((4, 8, 8, 3)), kept="epoch 3 is saved")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["grid.png"]
+
+
+def mount_a_small_tmpfs_works(tmp_path):
+    """Whether this machine lets an unprivileged process mount a tmpfs in its own user and
+    mount namespaces (`unshare -Urm`), where a real full filesystem can be made."""
+    if not shutil.which("unshare"):
+        return False
+    (tmp_path / "probe").mkdir()
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"',
+                            str(tmp_path / "probe")], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+FILL_LEAVING = textwrap.dedent("""
+    import os, sys
+    path, leave = sys.argv[1], int(sys.argv[2])
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(path, max(os.path.getsize(path) - leave, 0))
+""")
+
+
+def test_a_save_into_a_full_filesystem_stops_with_one_line_and_the_same_command_resumes(
+        fvae_reference, tmp_path, capsys):
+    """A real full disk: the finished 3-epoch run is copied onto a small tmpfs (mounted in a
+    user and mount namespace of its own), which is then filled but for half a weights file.
+    The same command for a 4th epoch, a real process there, cannot write epoch 4's save: it
+    exits 1 (HDF5 does not crash it at exit) with one line naming the file, the space a save
+    needs and the space free, and no traceback; the epoch 3 save and log.csv are intact. The
+    folder, taken off the full disk, resumes with the same command from epoch 3."""
+    if not mount_a_small_tmpfs_works(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (unshare -Urm); "
+                    "test_a_full_disk_at_any_write_... injects ENOSPC instead")
+    data, reference = fvae_reference
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    leave = os.path.getsize(reference / "latest.weights.h5") // 2
+    argv = fvae_argv(data, disk / "run", 4)
+    script = textwrap.dedent("""
+        set -u
+        mount -t tmpfs -o size=48m tmpfs "$DISK" && cp -a "$REFERENCE" "$DISK/run" || exit 90
+        "$PYTHON" -c "$FILL" "$DISK/filler" "$LEAVE" || exit 91
+        "$PYTHON" tests/fault_hooks.py f_vaes.py "$@" > "$OUT/stdout" 2> "$OUT/stderr"
+        echo $? > "$OUT/rc"
+        df -k "$DISK" > "$OUT/df"
+        cp -a "$DISK/run" "$OUT/run"
+    """)
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", *argv], cwd=ROOT, timeout=300,
+                   check=True, env={**os.environ, "DISK": str(disk), "REFERENCE": str(reference),
+                                    "PYTHON": sys.executable, "FILL": FILL_LEAVING,
+                                    "LEAVE": str(leave), "OUT": str(out)})
+    stderr = (out / "stderr").read_text()
+    assert (out / "rc").read_text().strip() == "1", stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(disk / 'run'))}/(best|latest)"
+                        r"\.weights\.h5 \(No space left on device\): it needs about 12\.\d MB, "
+                        r"[\d.]+ MB free there; the previous save is intact: free some space and "
+                        r"run the same command again", last), last
+    run = out / "run"
+    assert training.checkpoint.weights_attrs(run / "latest.weights.h5")["epochs_done"] == 3
+    assert csv_rows(run) == csv_rows(reference)
+    assert not [n for n in os.listdir(run) if ".tmp" in n or n == "trainer.lock"]
+
+    capsys.readouterr()
+    assert main_exit_code(f_vaes, fvae_argv(data, run, 4)) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1", "2", "3", "4"]
 
 
 # --------------------------------------------------------------------------- interruption
