@@ -7,17 +7,20 @@ import csv
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import textwrap
 import threading
 import time
+import zlib
 
 import h5py
 import imageio.v3 as iio
@@ -25,6 +28,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import keras
+from PIL import Image
 
 from conftest import ROOT
 import common
@@ -884,6 +888,102 @@ def test_a_folder_of_every_kind_of_file_trains_through_a_whole_pass(script, tmp_
     for path in bad:
         assert path in warned
     assert [r[0] for r in csv_rows(run)] == ["epoch", "1"]
+
+
+def png_chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def write_png(path, width, height, rows_of_zeros=True):
+    """A 1-bit greyscale PNG of width x height; with `rows_of_zeros` a valid one (every row a
+    filter byte and zeros, streamed through zlib), else a header with one tiny IDAT: a
+    decompression bomb's claim without the data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row, deflate = bytes(1 + (width + 7) // 8), zlib.compressobj(9)
+    data = (b"".join(deflate.compress(row) for _ in range(height)) if rows_of_zeros
+            else deflate.compress(row)) + deflate.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data)
+                     + png_chunk(b"IEND", b""))
+
+
+def write_jpeg_claiming(path, width, height):
+    """A real 8 x 8 JPEG whose start of frame claims width x height: TensorFlow decodes it,
+    missing data and all, into width x height x 3 bytes (432 MB for 12,000 x 12,000)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buffer, "JPEG")
+    data, at = bytearray(buffer.getvalue()), 2
+    while data[at + 1] != 0xC0:
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+
+
+def write_gif(path, frames, width, height):
+    """An animated GIF of `frames` full frames, alternately black and white."""
+    pictures = [Image.fromarray(np.full((height, width), 255 * (i % 2), np.uint8)).convert("P")
+                for i in range(frames)]
+    pictures[0].save(path, format="GIF", save_all=True, append_images=pictures[1:],
+                     optimize=False, disposal=1)
+
+
+MEASURE_DECODING = textwrap.dedent("""
+    import json, resource, sys, time, warnings
+    import common
+    folder, warm_up = sys.argv[1], sys.argv[2]
+    common.find_readable_images([warm_up], 16)  # TensorFlow's and tf.data's own memory first
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        readable = common.scan_image_folder(folder, img_size=16)
+    print(json.dumps({"readable": readable, "warnings": [str(w.message) for w in caught],
+                      "seconds": time.time() - started,
+                      "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                         - before) / 1024}))
+""")
+
+
+def test_hostile_images_are_skipped_by_name_or_read_within_bounded_memory_and_time(tmp_path):
+    """A decompression bomb (a PNG header claiming 100,000 x 100,000 pixels over a tiny file),
+    a real 20,000 x 20,000 PNG, a JPEG whose header claims 12,000 x 12,000 (TensorFlow would
+    decode it: 432 MB), and an animation whose 30 frames of 2,000 x 2,000 add up to 120
+    megapixels (giflib reads every frame: 120 MB), beside a small animated GIF, a 16-bit PNG,
+    a CMYK JPEG and a plain PNG (web downloads named .jpg are often GIFs). In a fresh
+    process: the four big ones are skipped by name without being decoded (common.
+    MAX_IMAGE_PIXELS = 50 megapixels, read from their headers), the others are read (the
+    animation's first frame), and the peak memory of the whole scan grows by less than 64 MB."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png(folder / "bomb.png", 100_000, 100_000, rows_of_zeros=False)
+    write_png(folder / "huge.png", 20_000, 20_000)
+    write_jpeg_claiming(folder / "claims_12000.jpg", 12_000, 12_000)
+    write_gif(folder / "long_animation.jpg", 30, 2000, 2000)
+    write_gif(folder / "animated.jpg", 5, 40, 30)
+    tf.io.write_file(str(folder / "deep16.png"),
+                     tf.io.encode_png((RNG.rand(24, 32, 3) * 65535).astype("uint16")))
+    Image.fromarray((RNG.rand(24, 32, 3) * 255).astype("uint8")).convert("CMYK").save(
+        folder / "cmyk.jpg")
+    Image.fromarray((RNG.rand(24, 32, 3) * 255).astype("uint8")).save(folder / "plain.png")
+    assert (folder / "bomb.png").stat().st_size < 200
+    assert (folder / "long_animation.jpg").stat().st_size < 2_000_000
+
+    measured = subprocess.run([sys.executable, "-c", MEASURE_DECODING, str(folder),
+                               str(folder / "plain.png")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=180)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    assert sorted(os.path.basename(f) for f in result["readable"]) == [
+        "animated.jpg", "cmyk.jpg", "deep16.png", "plain.png"]
+    warned = "\n".join(result["warnings"])
+    for name, says in [("bomb.png", "its header says 100000 x 100000 pixels"),
+                       ("huge.png", "its header says 20000 x 20000 pixels"),
+                       ("claims_12000.jpg", "its header says 12000 x 12000 pixels"),
+                       ("long_animation.jpg", "the frames of its 2000 x 2000 animation add up to")]:
+        assert f"skipping image {folder / name}: {says}" in warned
+    assert warned.count("more than the 50 megapixels allowed") == 4
+    assert "skipped 4 unreadable image file(s) of 8 (4 of them too large to decode)" in measured.stderr
+    assert result["peak_growth_mb"] < 64, result
+    assert result["seconds"] < 30, result
 
 
 def write_messy_folder_at(folder):
