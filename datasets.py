@@ -90,14 +90,17 @@ def image_dataset(files, img_size, batch_size, scale, labels=None):
 
 class CifarUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR-10 batch and nothing else. Such a file is a dict of bytes, a list of
-    ints and one uint8 array; the only callables it names are the three numpy uses to rebuild
-    an array. Any other (os.system, builtins.exec, ...: a crafted file's payload) is refused
-    before it is looked up, so that no code in a data file ever runs."""
+    ints and one uint8 array; the only callables it names are those numpy uses to rebuild an
+    array (`_reconstruct`, `ndarray`, `dtype`; `_frombuffer` at pickle protocol 5), under
+    numpy 1's and numpy 2's module names. Any other (os.system, builtins.exec, ...: a crafted
+    file's payload) is refused before it is looked up, so that no code in a data file runs."""
 
-    ARRAY_PARTS = {("numpy.core.multiarray", "_reconstruct"): np.array(0).__reduce__()[0],
-                   ("numpy._core.multiarray", "_reconstruct"): np.array(0).__reduce__()[0],
-                   ("numpy", "ndarray"): np.ndarray,
-                   ("numpy", "dtype"): np.dtype}
+    _reconstruct, _frombuffer = np.array(0).__reduce__()[0], np.arange(1).__reduce_ex__(5)[0]
+    ARRAY_PARTS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                   ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+                   ("numpy._core.numeric", "_frombuffer"): _frombuffer}
 
     def find_class(self, module, name):
         if (module, name) not in self.ARRAY_PARTS:

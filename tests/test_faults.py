@@ -1048,14 +1048,16 @@ def test_a_crafted_cifar_batch_runs_no_code_and_is_named(packed, tmp_path, capsy
 
 
 def test_the_cifar_reader_refuses_every_global_but_numpy_arrays(tmp_path):
-    """Python 3 pickles of the same dict: protocol 4 (bytes need no global) loads; protocol 2
-    stores bytes through _codecs.encode, which the official files never name: refused, as
-    os.system is."""
-    images, labels = np.zeros((2, 32, 32, 3), np.uint8), [3, 4]
+    """Python 3 pickles of the same dict: protocols 3 to 5 (bytes need no global; numpy's
+    arrays, `_reconstruct` or at protocol 5 `_frombuffer`) load; protocol 2 stores bytes
+    through _codecs.encode, which the official files never name: refused, as os.system is."""
+    images, labels = RNG.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8), [3, 4]
     batch = {b"batch_label": b"x", b"labels": labels,
              b"data": images.transpose(0, 3, 1, 2).reshape(2, 3072)}
-    loaded = datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=4)))
-    assert loaded[0].shape == (2, 32, 32, 3) and list(loaded[1]) == labels
+    for protocol in (3, 4, 5):
+        loaded = datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=protocol)))
+        np.testing.assert_array_equal(loaded[0], images)
+        assert list(loaded[1]) == labels
     with pytest.raises(pickle.UnpicklingError, match="refused _codecs.encode"):
         datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=2)))
     with pytest.raises(pickle.UnpicklingError, match="refused (posix|os).system"):
