@@ -265,6 +265,9 @@ def _jpeg_header_size(f):
         length = f.read(2)
         if len(length) < 2 or marker in (0xD9, 0xDA):  # end of image, start of scan: no frame
             return None
+        length = struct.unpack(">H", length)[0]
+        if length < 2:  # a damaged segment (and no walking backwards)
+            return None
         if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
                       *range(0xCD, 0xD0)):
             frame = f.read(5)
@@ -272,7 +275,7 @@ def _jpeg_header_size(f):
                 return None
             height, width = struct.unpack(">HH", frame[1:5])
             return width, height, width * height
-        f.seek(struct.unpack(">H", length)[0] - 2, os.SEEK_CUR)
+        f.seek(length - 2, os.SEEK_CUR)
 
 
 def _gif_header_size(f):
@@ -285,7 +288,7 @@ def _gif_header_size(f):
     width, height, flags = struct.unpack("<HHB", screen[:5])
     if flags & 0x80:  # global colour table
         f.seek(3 * 2 ** ((flags & 7) + 1), os.SEEK_CUR)
-    pixels, frames = 0, 0
+    pixels = 0
 
     def skip_sub_blocks():
         while True:
@@ -304,7 +307,7 @@ def _gif_header_size(f):
             if len(descriptor) < 9:
                 break
             frame_width, frame_height, frame_flags = struct.unpack("<HHB", descriptor[4:9])
-            pixels, frames = pixels + frame_width * frame_height, frames + 1
+            pixels += frame_width * frame_height
             if frame_flags & 0x80:
                 f.seek(3 * 2 ** ((frame_flags & 7) + 1), os.SEEK_CUR)
             f.read(1)  # LZW minimum code size
@@ -451,7 +454,7 @@ def ensure_writable_dir(path, flag="--out"):
     return path
 
 
-# --------------------------------------------------------------------------- files that must not break
+# --------------------------------------------------------------------------- files
 
 def write_json(path, obj, kept=None):
     write_text(path, json.dumps(obj, indent=2, sort_keys=True), kept)

@@ -471,24 +471,25 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
-RUN_FILE_DAMAGE = {
+def replace(old, new):
+    return lambda text: text.replace(old, new)
+
+
+RUN_FILE_DAMAGE = {  # (file, damage, what the error says)
     "config.json cut short": ("config.json", lambda text: text[:len(text) // 2],
                               "config.json: not valid JSON"),
     "config.json a list": ("config.json", lambda text: "[1, 2]",
                            "config.json: holds [1, 2], not a JSON object"),
-    "config.json without depth": ("config.json",
-                                  lambda text: text.replace('"depth": 1,', ""),
+    "config.json without depth": ("config.json", replace('"depth": 1,', ""),
                                   "config.json: key 'depth' is missing"),
-    "config.json img_size a string": ("config.json",
-                                      lambda text: text.replace('"img_size": 16', '"img_size": "16"'),
+    "config.json img_size a string": ("config.json", replace('"img_size": 16', '"img_size": "16"'),
                                       "config.json: key 'img_size' is \"16\", expected an integer"),
-    "config.json lr a word": ("config.json", lambda text: text.replace('"lr": 0.0001', '"lr": "fast"'),
+    "config.json lr a word": ("config.json", replace('"lr": 0.0001', '"lr": "fast"'),
                               "config.json: key 'lr' is \"fast\", expected a number"),
     "state.json cut short": ("state.json", lambda text: text[:len(text) // 2],
                              "state.json: not valid JSON"),
-    "state.json epochs_done a word": ("state.json",
-                                      lambda text: text.replace('"epochs_done": 3', '"epochs_done": "three"'),
-                                      "state.json: key 'epochs_done' is \"three\", expected an integer"),
+    "state.json epochs_done a string": ("state.json", replace('"epochs_done": 3', '"epochs_done": "3"'),
+                                      "state.json: key 'epochs_done' is \"3\", expected an integer"),
 }
 
 
@@ -595,6 +596,7 @@ def test_a_full_disk_at_any_write_keeps_the_last_save_and_the_csv_and_the_run_re
             training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
         else:
             full_disk_at(patch, target, model)
+            checkpoint.best_value = float("inf")  # epoch 2 is a new best: best.weights.h5 first
             training.run.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint],
                                        verbose=0)
     message = str(stopped.value)
@@ -858,7 +860,8 @@ def test_a_second_trainer_on_the_same_folder_stops_at_once_and_a_killed_ones_loc
         assert "f_vaes.py --img-size 16 " in errors[0]  # the command that holds the folder
         assert folder_digest(run) == before
 
-        assert main_exit_code(f_vaes, ["sample", "--out", str(run), "--rows", "1", "--cols", "2"]) == 0
+        sample = ["sample", "--out", str(run), "--rows", "1", "--cols", "2"]
+        assert main_exit_code(f_vaes, sample) == 0  # a command that only reads: no lock
         first.process.send_signal(signal.SIGKILL)
         assert first.finish() == -signal.SIGKILL
     finally:
@@ -981,7 +984,8 @@ def test_hostile_images_are_skipped_by_name_or_read_within_bounded_memory_and_ti
                        ("long_animation.jpg", "the frames of its 2000 x 2000 animation add up to")]:
         assert f"skipping image {folder / name}: {says}" in warned
     assert warned.count("more than the 50 megapixels allowed") == 4
-    assert "skipped 4 unreadable image file(s) of 8 (4 of them too large to decode)" in measured.stderr
+    assert ("skipped 4 unreadable image file(s) of 8 (4 of them too large to decode)"
+            in measured.stderr)
     assert result["peak_growth_mb"] < 64, result
     assert result["seconds"] < 30, result
 
@@ -1061,7 +1065,8 @@ def test_the_cifar_reader_refuses_every_global_but_numpy_arrays(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refused _codecs.encode"):
         datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=2)))
     with pytest.raises(pickle.UnpicklingError, match="refused (posix|os).system"):
-        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"x": SystemCall()}, protocol=4)))
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"x": SystemCall()},
+                                                          protocol=4)))
     with pytest.raises(ValueError, match="expected uint8"):
         datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"data": np.zeros((2, 5))},
                                                           protocol=4)))

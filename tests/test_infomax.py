@@ -149,8 +149,8 @@ def write_cifar_batch(path, images, labels, label=b"training batch 1 of 5", extr
     `extra`: more items of the dict (a crafted file's payload)."""
     data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
     with open(path, "wb") as f:
-        Python2Pickler(f, protocol=2).dump({b"batch_label": label, b"labels": list(map(int, labels)),
-                                            b"data": data, **(extra or {})})
+        batch = {b"batch_label": label, b"labels": list(map(int, labels)), b"data": data}
+        Python2Pickler(f, protocol=2).dump({**batch, **(extra or {})})
 
 
 def make_cifar_fixture(folder, rows=3, seed=0):
