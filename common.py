@@ -3,12 +3,17 @@ grids, JSON files. The training machinery lives in `training/`, the data sets in
 `datasets.py`."""
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import struct
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -16,6 +21,10 @@ import tensorflow as tf
 import imageio.v3 as iio
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# An image whose header says it has more pixels is skipped before it is decoded: 50 megapixels
+# (e.g. 8660 x 5773) are 150 MB decoded and 600 MB as load_image's float32 copy; a decompression
+# bomb (a tiny file whose header claims 100,000 x 100,000) would be 30 GB.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class UsageError(ValueError):
@@ -26,6 +35,11 @@ class TrainingStopped(RuntimeError):
     """A run that cannot go on safely (weights not finite, rollbacks that do not help, a save
     that cannot be written); its last checkpoint is intact. The scripts exit with 1."""
     exit_code = 1
+
+
+class CannotWrite(TrainingStopped):
+    """A file that could not be written (a full disk, a quota), made by `cannot_write`: the
+    file it would have replaced, and every earlier save, are intact. The scripts exit with 1."""
 
 
 class Interrupted(TrainingStopped):
@@ -153,6 +167,21 @@ def config_from_json(config_class, saved):
     return config_class(**{k: v for k, v in saved.items() if k in names})
 
 
+def config_kinds(config_class):
+    """{field: (its type, whether null is allowed)} of a config dataclass, for `read_run_json`:
+    null where the field's default is None."""
+    return {f.name: (f.type, f.default is None) for f in dataclasses.fields(config_class)}
+
+
+def read_run_config(path, config_class):
+    """The dataclass saved in a run's config.json, checked by `read_run_json` against the
+    fields' types (the model's keys, `MODEL_KEYS`, must be there)."""
+    required = [k for k in getattr(config_class, "MODEL_KEYS", ())
+                if k not in getattr(config_class, "ADDED_KEYS", ())]
+    return config_from_json(config_class, read_run_json(path, config_kinds(config_class),
+                                                        required=required))
+
+
 def check_at_least(config, minimum, *names):
     """`--epochs 0: must be at least 1` (`must be 0 or more` for 0), the one wording of a
     too-small number (None: unset)."""
@@ -187,6 +216,113 @@ def list_image_files(folder, flag="--data-dir"):
     return files
 
 
+def image_header_size(path):
+    """(width, height, pixels to decode) from the header of an image file, read without decoding
+    it: PNG's IHDR, JPEG's start of frame, BMP's info header, WebP's VP8/VP8L/VP8X chunk, and
+    for GIF the logical screen and every frame's descriptor (giflib reads every frame of an
+    animation into memory before TensorFlow takes the first: the pixels are those of all
+    frames). None for a file in none of these formats (the decoder refuses it). OSError if
+    the file cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            width, height = struct.unpack(">II", head[16:24])
+        elif head.startswith(b"\xff\xd8"):
+            return _jpeg_header_size(f)
+        elif head[:6] in (b"GIF87a", b"GIF89a"):
+            return _gif_header_size(f)
+        elif head.startswith(b"BM") and len(head) >= 26:
+            if struct.unpack("<I", head[14:18])[0] == 12:  # the old OS/2 header: 16-bit sizes
+                width, height = struct.unpack("<HH", head[18:22])
+            else:
+                width, height = struct.unpack("<ii", head[18:26])  # height < 0: top-down
+        elif head.startswith(b"RIFF") and head[8:12] == b"WEBP" and len(head) >= 30:
+            chunk = head[12:16]
+            if chunk == b"VP8 ":
+                width, height = (v & 0x3FFF for v in struct.unpack("<HH", head[26:30]))
+            elif chunk == b"VP8L":
+                bits = struct.unpack("<I", head[21:25])[0]
+                width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            elif chunk == b"VP8X":
+                width = int.from_bytes(head[24:27], "little") + 1
+                height = int.from_bytes(head[27:30], "little") + 1
+            else:
+                return None
+        else:
+            return None
+    width, height = abs(width), abs(height)
+    return width, height, width * height
+
+
+def _jpeg_header_size(f):
+    """The size in the first start-of-frame marker, walking the segments from the start."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        while byte and byte != b"\xff":  # stray bytes between segments: skip them
+            byte = f.read(1)
+        while byte == b"\xff":  # fill bytes
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker in (0x01, *range(0xD0, 0xD9)):  # markers without a length
+            continue
+        length = f.read(2)
+        if len(length) < 2 or marker in (0xD9, 0xDA):  # end of image, start of scan: no frame
+            return None
+        length = struct.unpack(">H", length)[0]
+        if length < 2:  # a damaged segment (and no walking backwards)
+            return None
+        if marker in (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
+                      *range(0xCD, 0xD0)):
+            frame = f.read(5)
+            if len(frame) < 5:
+                return None
+            height, width = struct.unpack(">HH", frame[1:5])
+            return width, height, width * height
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def _gif_header_size(f):
+    """The logical screen, and the pixels of every frame (image descriptor) of the file,
+    walking its blocks without decompressing them; stops once they pass MAX_IMAGE_PIXELS."""
+    f.seek(6)
+    screen = f.read(7)
+    if len(screen) < 7:
+        return None
+    width, height, flags = struct.unpack("<HHB", screen[:5])
+    if flags & 0x80:  # global colour table
+        f.seek(3 * 2 ** ((flags & 7) + 1), os.SEEK_CUR)
+    pixels = 0
+
+    def skip_sub_blocks():
+        while True:
+            size = f.read(1)
+            if not size or size == b"\0":
+                return
+            f.seek(size[0], os.SEEK_CUR)
+
+    while pixels <= MAX_IMAGE_PIXELS:
+        block = f.read(1)
+        if block == b"\x21":  # extension: label, then sub-blocks
+            f.read(1)
+            skip_sub_blocks()
+        elif block == b"\x2c":  # a frame: position, size, flags, colours, LZW data
+            descriptor = f.read(9)
+            if len(descriptor) < 9:
+                break
+            frame_width, frame_height, frame_flags = struct.unpack("<HHB", descriptor[4:9])
+            pixels += frame_width * frame_height
+            if frame_flags & 0x80:
+                f.seek(3 * 2 ** ((frame_flags & 7) + 1), os.SEEK_CUR)
+            f.read(1)  # LZW minimum code size
+            skip_sub_blocks()
+        else:  # the trailer, or the end of a truncated file
+            break
+    return width, height, max(pixels, width * height)
+
+
 def _decode_rgb(path):
     """File → uint8 (h, w, 3). Greyscale and RGBA become RGB; 16-bit PNGs are scaled to 8 bits."""
     data = tf.io.read_file(path)
@@ -217,31 +353,49 @@ def find_readable_images(files, img_size=None, verbose=True):
 
     An unreadable file (empty, truncated, not an image, a text file named .png) is reported
     with a warning naming it and a count at the end, and is left out of training, so a
-    bad file can never stop a run in the middle of an epoch.
+    bad file can never stop a run in the middle of an epoch. So is a file whose header says
+    it has more than MAX_IMAGE_PIXELS pixels (a decompression bomb, a huge scan, a long
+    animated GIF): it is never decoded, so that memory and time stay bounded.
     """
     files = list(files)
     if not files:
         return [], []
-    indices = tf.data.Dataset.range(len(files))
-    paths = tf.data.Dataset.from_tensor_slices(files)
+    def header_size(path):
+        with contextlib.suppress(OSError):  # unreadable: the decoder says so below
+            return image_header_size(path)
 
-    def check(index, path):
-        # the very function training uses, so that a file that passes cannot fail mid-epoch
-        image = _decode_rgb(path) if img_size is None else load_image(path, img_size)
-        return index, tf.reduce_max(image)  # a value, not a shape: the decode cannot be folded away
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # file opens wait, the GIL is free
+        sizes = dict(zip(files, pool.map(header_size, files)))
+    too_large = {f: size for f, size in sizes.items() if size and size[2] > MAX_IMAGE_PIXELS}
+    decoded = [f for f in files if f not in too_large]
+    readable = set()
+    if decoded:
+        def check(index, path):
+            # the very function training uses, so that a file that passes cannot fail mid-epoch
+            image = _decode_rgb(path) if img_size is None else load_image(path, img_size)
+            return index, tf.reduce_max(image)  # a value, not a shape: the decode must run
 
-    ok = tf.data.Dataset.zip((indices, paths)).map(check, num_parallel_calls=tf.data.AUTOTUNE)
-    ok = ok.ignore_errors()
-    good_index = sorted(int(i) for i, _ in ok.as_numpy_iterator())
-    good_set = set(good_index)
-    readable = [files[i] for i in good_index]
-    unreadable = [f for i, f in enumerate(files) if i not in good_set]
+        ok = tf.data.Dataset.zip((tf.data.Dataset.range(len(decoded)),
+                                  tf.data.Dataset.from_tensor_slices(decoded)))
+        ok = ok.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+        readable = {decoded[int(i)] for i, _ in ok.as_numpy_iterator()}
+    unreadable = [f for f in files if f not in readable]
     if verbose:
         for f in unreadable:
-            warnings.warn(f"skipping unreadable image {f}", stacklevel=2)
+            if f in too_large:
+                width, height, pixels = too_large[f]
+                size = (f"its header says {width} x {height} pixels," if pixels == width * height
+                        else f"the frames of its {width} x {height} animation add up to")
+                warnings.warn(f"skipping image {f}: {size} more than the "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels allowed "
+                              "(common.MAX_IMAGE_PIXELS), not decoded", stacklevel=2)
+            else:
+                warnings.warn(f"skipping unreadable image {f}", stacklevel=2)
         if unreadable:
-            print(f"skipped {len(unreadable)} unreadable image file(s) of {len(files)}", file=sys.stderr)
-    return readable, unreadable
+            print(f"skipped {len(unreadable)} unreadable image file(s) of {len(files)}"
+                  + (f" ({len(too_large)} of them too large to decode)" if too_large else ""),
+                  file=sys.stderr)
+    return [f for f in files if f in readable], unreadable
 
 
 def scan_image_folder(folder, img_size=None, flag="--data-dir"):
@@ -276,47 +430,162 @@ def image_grid(images, rows, cols, value_range=(-1.0, 1.0)):
     return images.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
-def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0)):
-    """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one)."""
+def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0), kept=None):
+    """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one;
+    one that cannot be written is a CannotWrite, `kept` saying what is safe)."""
     n = len(images)
     cols = cols or int(math.ceil(math.sqrt(n)))
     rows = rows or int(math.ceil(n / cols))
-    return write_png(path, image_grid(images, rows, cols, value_range))
+    return write_png(path, image_grid(images, rows, cols, value_range), kept)
 
 
-def write_png(path, picture):
+def write_png(path, picture, kept=None):
     """Write a uint8 picture as PNG through a temporary file: a half-written PNG never
-    replaces a good one."""
+    replaces a good one; one that cannot be written is a CannotWrite, `kept` saying what is
+    safe."""
     tmp = path + ".tmp.png"
-    iio.imwrite(tmp, picture)
-    os.replace(tmp, path)
+    try:
+        iio.imwrite(tmp, picture)
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise cannot_write(path, e, picture.nbytes, kept) from None
     return path
-
 
 
 def ensure_writable_dir(path, flag="--out"):
     """Create `path` if needed and check that a file can be written there, before any work."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.NamedTemporaryFile("w", dir=path, prefix=".write_test") as f:
+            f.write("ok")  # a name of its own: two commands starting at once may both probe
+            f.flush()
     except OSError as e:
         raise UsageError(f"{flag} {path!r}: cannot write there ({e.strerror or e})") from None
     return path
 
 
-def write_json(path, obj):
+# --------------------------------------------------------------------------- files
+
+def write_json(path, obj, kept=None):
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True), kept)
+
+
+def write_text(path, text, kept=None):
+    """Replace a file's text atomically: a temporary file, synced, then renamed. One that cannot
+    be written (a full disk) leaves the old file as it was, removes the temporary one and
+    raises CannotWrite (`kept`: what else is safe, for its message)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise cannot_write(path, e, len(text.encode()), kept) from None
+
+
+def append_text(path, text, kept=None):
+    """Append to a file all of `text` or nothing: a write that fails (a full disk) cuts the file
+    back to its length before, so that it never ends in half a line, and raises CannotWrite."""
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    try:
+        with open(path, "a", newline="") as f:
+            f.write(text)
+            f.flush()
+    except OSError as e:
+        try:
+            if size is None:
+                os.remove(path)
+            else:
+                os.truncate(path, size)  # frees space, needs none
+        except OSError:
+            pass
+        raise cannot_write(path, e, len(text.encode()), kept) from None
+
+
+def cannot_write(path, error, needed=None, kept=None):
+    """The one-line CannotWrite for a file that could not be written: what, why, about how much
+    space it needs and how much is free there, what is intact, and what to do."""
+    why = (os.strerror(error.errno) if getattr(error, "errno", None)
+           else str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    space = []
+    if needed:
+        space.append(f"it needs about {human_size(needed)}")
+    try:
+        space.append(f"{human_size(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)}"
+                     " free there")
+    except OSError:
+        pass
+    return CannotWrite(f"cannot write {path} ({why})" + (f": {', '.join(space)}" if space else "")
+                       + f"; {kept or 'the file it would replace is intact'}: free some space "
+                       "and run the same command again")
+
+
+def human_size(count):
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+
+
+def remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+JSON_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+              list: "a list", tuple: "a list", dict: "an object"}
+
+
+def is_json_kind(value, kind):
+    """Whether a value read from JSON fits the Python type `kind`: a list for a tuple, an
+    integer also for a float, true/false for a bool only."""
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, list if kind is tuple else kind)
+
+
+def read_run_json(path, kinds, required=(), fix="repair it, or move the run folder away"):
+    """The JSON object in a run folder's file (config.json, state.json), checked before anything
+    uses it: `kinds` maps keys to (type, null allowed); `required` keys must be there and not
+    null. A file that is not JSON, not an object, without a required key or with a value of
+    another type (damaged, or edited by hand) is a one-line UsageError naming the file and the
+    key, never a traceback, and `fix`, what to do; the file is left as it is."""
+    fix = f"damaged or edited by hand? {fix}"
+    try:
+        saved = read_json(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise UsageError(f"{path}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path}: holds {short_repr(saved)}, not a JSON object; {fix}")
+    for key in required:
+        if saved.get(key) is None:
+            raise UsageError(f"{path}: key {key!r} is {'null' if key in saved else 'missing'}; "
+                             f"{fix}")
+    for key, (kind, nullable) in kinds.items():
+        if key not in saved or (saved[key] is None and nullable):
+            continue
+        if not is_json_kind(saved[key], kind):
+            raise UsageError(f"{path}: key {key!r} is {short_repr(saved[key])}, expected "
+                             f"{JSON_KINDS.get(kind, kind.__name__)}; {fix}")
+    return saved
+
+
+def short_repr(value, width=40):
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 

@@ -89,15 +89,50 @@ def image_dataset(files, img_size, batch_size, scale, labels=None):
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else. Such a file is a dict of bytes, a list of
+    ints and one uint8 array; the only callables it names are those numpy uses to rebuild an
+    array (`_reconstruct`, `ndarray`, `dtype`; `_frombuffer` at pickle protocol 5), under
+    numpy 1's and numpy 2's module names. Any other (os.system, builtins.exec, ...: a crafted
+    file's payload) is refused before it is looked up, so that no code in a data file runs."""
+
+    _reconstruct, _frombuffer = np.array(0).__reduce__()[0], np.arange(1).__reduce_ex__(5)[0]
+    ARRAY_PARTS = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                   ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+                   ("numpy._core.numeric", "_frombuffer"): _frombuffer}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ARRAY_PARTS:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: a CIFAR-10 batch holds only numpy arrays, lists, "
+                "bytes and ints (a file that names anything else could run code)")
+        return self.ARRAY_PARTS[module, name]
+
+
 def read_cifar_batch(f):
-    """One python-pickle CIFAR batch (protocol 2, bytes keys) -> uint8 (n, 32, 32, 3), labels."""
-    batch = pickle.load(f, encoding="bytes")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)  # rows: 1024 R, 1024 G, 1024 B, row-major
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    """One python-pickle CIFAR batch (protocol 2, bytes keys) -> uint8 (n, 32, 32, 3), labels.
+    Read by `CifarUnpickler`; anything but the batch format is a ValueError."""
+    try:
+        batch = CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any way a damaged pickle fails means the same here
+        raise pickle.UnpicklingError(f"{type(e).__name__}: {e}") from None
+    if not isinstance(batch, dict) or not {b"data", b"labels"} <= set(batch):
+        raise ValueError("not a CIFAR-10 batch (a dict with b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"b'data' is a {data.dtype} array of shape {data.shape}, expected "
+                         "uint8 (n, 3072)")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows: 1024 R, G, B, row-major
+    labels = np.asarray(batch[b"labels"])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError("b'labels' is not a list of integers")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return images, labels
+    return images, labels.astype(np.int64)
 
 
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
@@ -135,32 +170,35 @@ def load_cifar10(data_dir=None):
     candidates = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]
     folder = next((c for c in candidates if os.path.isfile(os.path.join(c, "data_batch_1"))), None)
     tarball = data_dir if os.path.isfile(data_dir) else os.path.join(data_dir, "cifar-10-python.tar.gz")
+    if folder is None and not os.path.isfile(tarball):
+        raise UsageError(f"--data-dir {data_dir!r}: expected a cifar-10-batches-py folder "
+                         "(data_batch_1..5, test_batch), the folder containing it, or "
+                         "cifar-10-python.tar.gz")
+
+    def folder_batches():  # (where, how to open it) of each batch file, in order
+        for name in CIFAR_TRAIN + CIFAR_TEST:
+            path = os.path.join(folder, name)
+            yield path, lambda: open(path, "rb")
+
+    def tarball_batches():
+        with tarfile.open(tarball) as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if n not in members]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} inside")
+            for name in CIFAR_TRAIN + CIFAR_TEST:
+                yield f"{tarball}:{members[name].name}", lambda: tar.extractfile(members[name])
+
+    where, batches = folder or tarball, []
     try:
-        if folder is not None:
-            def read(names):
-                parts = []
-                for name in names:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        parts.append(read_cifar_batch(f))
-                return parts
-            train, test = read(CIFAR_TRAIN), read(CIFAR_TEST)
-        elif os.path.isfile(tarball):
-            with tarfile.open(tarball) as tar:
-                members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-                missing = [n for n in CIFAR_TRAIN + CIFAR_TEST if n not in members]
-                if missing:
-                    raise ValueError(f"no {', '.join(missing)} inside")
-                train = [read_cifar_batch(tar.extractfile(members[n])) for n in CIFAR_TRAIN]
-                test = [read_cifar_batch(tar.extractfile(members[n])) for n in CIFAR_TEST]
-        else:
-            raise UsageError(f"--data-dir {data_dir!r}: expected a cifar-10-batches-py folder "
-                             "(data_batch_1..5, test_batch), the folder containing it, or "
-                             "cifar-10-python.tar.gz")
+        for where, open_batch in (folder_batches() if folder else tarball_batches()):
+            with open_batch() as f:
+                batches.append(read_cifar_batch(f))
     except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, tarfile.TarError) as e:
-        if isinstance(e, UsageError):
-            raise
-        raise UsageError(f"--data-dir {data_dir!r}: not readable as CIFAR-10 python batches "
-                         f"({type(e).__name__}: {e})") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"--data-dir {data_dir!r}: {where}: not readable as a CIFAR-10 python "
+                         f"batch ({type(e).__name__}: {why})") from None
+    train, test = batches[:len(CIFAR_TRAIN)], batches[len(CIFAR_TRAIN):]
 
     def join(parts):
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -94,6 +94,7 @@ class Config(FaceRunSettings):
     # earlier runs have 192)
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout",
                   "latent_channels", "posterior")
+    ADDED_KEYS = ("latent_channels", "posterior")  # absent from runs saved before they existed
 
 
 def check_config(c):
@@ -519,12 +520,13 @@ class SampleGrids(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        kept = f"epoch {epoch + 1} is saved (`sample` draws its grids)"  # the checkpoint came first
         for t in self.temperatures:
             images = sample_images(self.model, self.ROWS * self.COLS, t, self.seed)
             grid = common.image_grid(images, self.ROWS, self.COLS)
             common.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
-                             grid)
-            common.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid)
+                             grid, kept)
+            common.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid, kept)
             monitor.log_picture(self.run_dir, f"samples_T{t}", grid, epoch + 1)
 
 
@@ -540,27 +542,29 @@ def train(config, out, build=None, model_keys=Config.MODEL_KEYS, monitors=(),
     """Train (or resume) the run in `out` (config resolved by `train_config`). glow.py trains
     its model the same way: its `build`, `model_keys`, `monitors` and sample temperatures."""
     build = build or build_model
-    run = prepare_run(config, out, model_keys)
-    files = common.list_image_files(config.data_dir)
-    train_files, held_out = split_files(files, config.holdout)
-    train_files, _ = common.find_readable_images(train_files, config.img_size)
-    if not train_files:
-        raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the training files")
-    print(f"{len(train_files)} training images, {len(held_out)} held out (the last files of the "
-          f"sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
+    with prepare_run(config, out, model_keys) as run:
+        files = common.list_image_files(config.data_dir)
+        train_files, held_out = split_files(files, config.holdout)
+        train_files, _ = common.find_readable_images(train_files, config.img_size)
+        if not train_files:
+            raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the "
+                             "training files")
+        print(f"{len(train_files)} training images, {len(held_out)} held out (the last files "
+              f"of the sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
 
-    def build_seeded():
-        keras.utils.set_random_seed(config.seed)
-        return build(config, verbose=True)
+        def build_seeded():
+            keras.utils.set_random_seed(config.seed)
+            return build(config, verbose=True)
 
-    def stream(images_seen):  # the data stream is a function of its position: resumes exactly
-        # (and is the same on every worker of a cluster: each keeps its part of every batch)
-        return datasets.image_stream(train_files, config.img_size, config.batch_size,
-                                     scale_pixels, config.seed, start=images_seen)
+        def stream(images_seen):  # a function of its position in the data: resumes exactly
+            # (and the same on every worker of a cluster: each keeps its part of every batch)
+            return datasets.image_stream(train_files, config.img_size, config.batch_size,
+                                         scale_pixels, config.seed, start=images_seen)
 
-    return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
-                   monitors=[monitor(run.dir) for monitor in monitors],
-                   callbacks=[SampleGrids(run.dir, seed=config.seed, temperatures=temperatures)])
+        return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
+                       monitors=[make(run.dir) for make in monitors],
+                       callbacks=[SampleGrids(run.dir, seed=config.seed,
+                                              temperatures=temperatures)])
 
 
 # =========================================================================== commands on a run
@@ -573,7 +577,7 @@ def load_run(args, config_class=None, build=None):
     if not args.out or not os.path.exists(path):
         raise UsageError(f"--out {args.out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
-    config = common.config_from_json(config_class, common.read_json(path))
+    config = common.read_run_config(path, config_class)
     config.jit_compile = False
     config.data_dir = getattr(args, "data_dir", None) or config.data_dir
     weights = os.path.join(args.out, f"{args.weights}.weights.h5")
@@ -849,7 +853,8 @@ def resolve_run_data(config, args):
     """The data folder (the flag, else the run's, else the shared faces of that size; kept
     relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of a run to train."""
     saved_path = os.path.join(args.out, "config.json")
-    saved = common.read_json(saved_path) if os.path.exists(saved_path) else {}
+    saved = (common.read_run_json(saved_path, common.config_kinds(type(config)))
+             if os.path.exists(saved_path) else {})
     data_dir = (args.data_dir or saved.get("data_dir")
                 or (os.path.relpath(DEFAULT_DATA[args.img_size]) if args.img_size in DEFAULT_DATA
                     else None))

@@ -11,9 +11,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import (UsageError, find_readable_images, image_grid, read_json, save_grid,
-                    scan_image_folder, write_json, write_png)
+from common import (UsageError, find_readable_images, image_grid, save_grid, scan_image_folder,
+                    write_json, write_png)
 from datasets import decode_images
+from training.checkpoint import read_state
 
 
 _FEATURE_MODELS = weakref.WeakKeyDictionary()  # encoder -> its (mu, flattened local map) model
@@ -216,7 +217,7 @@ def evaluate_encoder(run_dir, encoder, training_set, test_set, scale, probe_epoc
         print("no labelled test split with two or more classes: skipping the accuracy metrics")
         return None
     state_path = os.path.join(run_dir, "state.json")
-    metrics = {"epochs_done": read_json(state_path)["epochs_done"] if os.path.exists(state_path) else 0,
+    metrics = {"epochs_done": read_state(state_path)["epochs_done"] if os.path.exists(state_path) else 0,
                "train_images": len(bank_images), "test_images": len(query_images),
                "knn": "cosine similarity on raw features; k=1 nearest label; k=200 votes "
                       "weighted by exp(cos/0.07) (InstDisc)",

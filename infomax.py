@@ -368,14 +368,20 @@ def random_encoder(config):
 # =========================================================================== training
 
 class SaveEncoder(keras.callbacks.Callback):
-    """After every epoch: the encoder alone, `encoder.weights.h5` (loads into `build_encoder`)."""
+    """After every epoch: the encoder alone, `encoder.weights.h5` (loads into `build_encoder`).
+    `save` again at the end of a command: a save that a full disk stopped after the epoch's
+    checkpoint is made up for by the same command, even when that epoch was the last."""
 
     def __init__(self, run_dir):
         super().__init__()
         self.path = os.path.join(run_dir, "encoder.weights.h5")
 
     def on_epoch_end(self, epoch, logs=None):
-        atomic_save_weights(self.model.encoder, self.path)
+        self.save(self.model.encoder, kept=f"epoch {epoch + 1} is saved; the previous "
+                                           "encoder.weights.h5 is intact")
+
+    def save(self, encoder, kept=None):
+        atomic_save_weights(encoder, self.path, kept=kept)
 
 
 def train(config, out, evaluation):
@@ -388,40 +394,42 @@ def train(config, out, evaluation):
                              f"{len(training_set[0])} training images")
         return training_set, test_set
 
-    run = prepare_run(config, out, Config.MODEL_KEYS, per_replica_minimum=2,  # 2: a negative
-                      load_data=checked_data)                               # in every replica
-    training_set, test_set = run.data
-    print(f"{config.dataset}: {len(training_set[0])} training and {len(test_set[0])} test images "
-          f"of {config.img_size}x{config.img_size}")
-    steps = config.steps_per_epoch or len(training_set[0]) // config.batch_size
+    with prepare_run(config, out, Config.MODEL_KEYS, per_replica_minimum=2,  # 2: a negative
+                     load_data=checked_data) as run:                        # in every replica
+        training_set, test_set = run.data
+        print(f"{config.dataset}: {len(training_set[0])} training and {len(test_set[0])} test "
+              f"images of {config.img_size}x{config.img_size}")
+        steps = config.steps_per_epoch or len(training_set[0]) // config.batch_size
 
-    def build():
-        model = build_model(config)
-        print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor x -> "
-              f"mu {count(feature_extractor(model.encoder).trainable_weights):,}), "
-              f"{count(model.non_trainable_weights):,} batch-norm statistics")
+        def build():
+            model = build_model(config)
+            print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor "
+                  f"x -> mu {count(feature_extractor(model.encoder).trainable_weights):,}), "
+                  f"{count(model.non_trainable_weights):,} batch-norm statistics")
+            return model
+
+        def stream(images_seen):
+            return training_stream(training_set[0], config.batch_size, config.pixel_range,
+                                   config.seed, start=images_seen)
+
+        monitors = []
+        if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):
+            monitors.append(feature_eval.KnnMonitor(training_set, test_set, pixel_scale(config),
+                                                    config.monitor_knn, config.seed))
+        save_encoder = SaveEncoder(run.dir)
+        model = fit_run(run, config, Config.MODEL_KEYS, build, stream, steps, monitors=monitors,
+                        callbacks=[save_encoder])
+        if distribute.is_chief(run.strategy):
+            save_encoder.save(model.encoder)
+            evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
+            for metric in ("cosine", "euclidean"):
+                picture = os.path.join(run.dir, f"neighbours_{metric}.png")
+                monitor.log_picture(run.dir, f"neighbours_{metric}", iio.imread(picture),
+                                    int(model.optimizer.iterations.numpy()))
+        else:
+            print("the chief evaluates the encoder and writes the pictures")
+        distribute.wait_for_all_workers(run.strategy)
         return model
-
-    def stream(images_seen):
-        return training_stream(training_set[0], config.batch_size, config.pixel_range,
-                               config.seed, start=images_seen)
-
-    monitors = []
-    if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):
-        monitors.append(feature_eval.KnnMonitor(training_set, test_set, pixel_scale(config),
-                                                config.monitor_knn, config.seed))
-    model = fit_run(run, config, Config.MODEL_KEYS, build, stream, steps, monitors=monitors,
-                    callbacks=[SaveEncoder(run.dir)])
-    if distribute.is_chief(run.strategy):
-        evaluate_encoder(run.dir, model.encoder, config, training_set, test_set, evaluation)
-        for metric in ("cosine", "euclidean"):
-            picture = os.path.join(run.dir, f"neighbours_{metric}.png")
-            monitor.log_picture(run.dir, f"neighbours_{metric}", iio.imread(picture),
-                                int(model.optimizer.iterations.numpy()))
-    else:
-        print("the chief evaluates the encoder and writes the pictures")
-    distribute.wait_for_all_workers(run.strategy)
-    return model
 
 
 def evaluate_encoder(run_dir, encoder, config, training_set, test_set, evaluation):
@@ -512,7 +520,7 @@ def load_run_config(out, weights):
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
         raise UsageError(f"--out {out!r}: no saved run there (expected config.json and "
                          f"{weights}.weights.h5)")
-    config = common.config_from_json(Config, common.read_json(config_path))
+    config = common.read_run_config(config_path, Config)
     config.pixel_range = tuple(config.pixel_range)
     config.jit_compile = False
     return config, weights_path

@@ -6,14 +6,21 @@ unreadable image files, wrong flags."""
 import csv
 import errno
 import hashlib
+import io
+import json
 import os
+import pickle
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
+import zlib
 
 import h5py
 import imageio.v3 as iio
@@ -21,6 +28,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import keras
+from PIL import Image
 
 from conftest import ROOT
 import common
@@ -33,6 +41,7 @@ import f_vaes
 import infomax
 from test_common import write_messy_folder
 from test_f_vaes import TINY_FLAGS
+from test_infomax import make_cifar_fixture, write_cifar_batch
 
 RNG = np.random.RandomState(0)
 
@@ -462,6 +471,250 @@ def test_a_save_that_cannot_be_written_stops_the_run_and_keeps_the_last_one(tmp_
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
+def replace(old, new):
+    return lambda text: text.replace(old, new)
+
+
+RUN_FILE_DAMAGE = {  # (file, damage, what the error says)
+    "config.json cut short": ("config.json", lambda text: text[:len(text) // 2],
+                              "config.json: not valid JSON"),
+    "config.json a list": ("config.json", lambda text: "[1, 2]",
+                           "config.json: holds [1, 2], not a JSON object"),
+    "config.json without depth": ("config.json", replace('"depth": 1,', ""),
+                                  "config.json: key 'depth' is missing"),
+    "config.json img_size a string": ("config.json", replace('"img_size": 16', '"img_size": "16"'),
+                                      "config.json: key 'img_size' is \"16\", expected an integer"),
+    "config.json lr a word": ("config.json", replace('"lr": 0.0001', '"lr": "fast"'),
+                              "config.json: key 'lr' is \"fast\", expected a number"),
+    "state.json cut short": ("state.json", lambda text: text[:len(text) // 2],
+                             "state.json: not valid JSON"),
+    "state.json epochs_done a string": ("state.json", replace('"epochs_done": 3', '"epochs_done": "3"'),
+                                      "state.json: key 'epochs_done' is \"3\", expected an integer"),
+}
+
+
+@pytest.mark.parametrize("damage", RUN_FILE_DAMAGE)
+def test_a_damaged_or_hand_edited_run_file_is_a_one_line_error_and_stays_as_it_is(
+        damage, fvae_reference, tmp_path, capsys):
+    """config.json or state.json of a finished run cut short, replaced or edited by hand: the
+    same command (and `sample`, which reads config.json) exits 2 with one line naming the file
+    and the key, and nothing in the folder changes (the file is not overwritten)."""
+    data, reference = fvae_reference
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    name, edit, message = RUN_FILE_DAMAGE[damage]
+    text = (run / name).read_text()
+    assert edit(text) != text
+    (run / name).write_text(edit(text))
+    before = folder_digest(run)
+    commands = [fvae_argv(data, run, 4)]
+    if name == "config.json":
+        commands.append(["sample", "--out", str(run), "--rows", "1", "--cols", "1"])
+    for argv in commands:
+        assert main_exit_code(f_vaes, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run / name}: "), err
+        assert message in err[0] and "damaged or edited by hand?" in err[0]
+    assert folder_digest(run) == before
+
+
+def test_a_run_config_without_its_model_keys_is_a_one_line_error_for_infomax_too(existing_runs,
+                                                                                 capsys):
+    run = existing_runs / "infomax"  # config.json is {}
+    for argv in (["evaluate", "--out", str(run)],
+                 ["search", "--out", str(run), "--folder", str(run), "--query", "x.png"]):
+        (run / "encoder.weights.h5").write_bytes(b"weights")
+        assert main_exit_code(infomax, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {run / 'config.json'}: key 'dataset' is missing; damaged or "
+                       "edited by hand? repair it, or move the run folder away"]
+        os.remove(run / "encoder.weights.h5")
+
+
+def full_disk_at(monkeypatch, name, model):
+    """Writes of the run file `name` fail as on a full disk (ENOSPC) after half of their bytes:
+    weights files through `model.save_weights`, the others through common's file helpers."""
+    def no_space():
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if name.endswith(".weights.h5"):
+        save_weights = model.save_weights
+
+        def half_then_full(path, overwrite=True):
+            save_weights(path, overwrite=overwrite)
+            if os.path.basename(path).split(".")[0] == name.split(".")[0]:
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[:len(data) // 2])
+                raise no_space()
+
+        monkeypatch.setattr(model, "save_weights", half_then_full)
+        return
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise no_space()
+
+        def __getattr__(self, attribute):
+            return getattr(self.f, attribute)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opened(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        writing = any(m in mode for m in "wa+")
+        return HalfWritten(f) if writing and os.path.basename(path).startswith(name) else f
+
+    monkeypatch.setattr(common, "open", opened, raising=False)
+
+
+@pytest.mark.parametrize("target", ["best.weights.h5", "latest.weights.h5", "log.csv",
+                                    "state.json", "events.log"])
+def test_a_full_disk_at_any_write_keeps_the_last_save_and_the_csv_and_the_run_resumes(
+        target, tmp_path, monkeypatch):
+    """Each file an epoch's end writes (the weights files, the CSV line, state.json; events.log
+    when a run resumes) fails half-way as on a full disk. The run stops with one line naming
+    the file, about how much space it needs and how much is free; the last save and log.csv
+    stay whole and loadable, no temporary file is left; the same command then resumes from
+    the last good save and finishes, one CSV line per epoch."""
+    model = tiny_regression()
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=2)
+    training.run.fit_resumable(model, regression_stream, checkpoint, 1, 2, [checkpoint], verbose=0)
+    csv_before = (tmp_path / "log.csv").read_bytes()
+    with monkeypatch.context() as patch, pytest.raises(common.CannotWrite) as stopped:
+        if target == "events.log":  # the first write of a resumed run
+            model = tiny_regression()
+            full_disk_at(patch, target, model)
+            training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8).restore(model)
+        else:
+            full_disk_at(patch, target, model)
+            checkpoint.best_value = float("inf")  # epoch 2 is a new best: best.weights.h5 first
+            training.run.fit_resumable(model, regression_stream, checkpoint, 2, 2, [checkpoint],
+                                       verbose=0)
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert message.startswith(f"cannot write {tmp_path / target} (No space left on device): it "
+                              "needs about ")
+    assert " free there; " in message
+    assert message.endswith(": free some space and run the same command again")
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+    saved = 2 if target in ("log.csv", "state.json") else 1  # the weights came first
+    assert training.checkpoint.weights_attrs(tmp_path / "latest.weights.h5")["epochs_done"] == saved
+    tiny_regression().load_weights(tmp_path / "latest.weights.h5")
+    rows = csv_rows(tmp_path)
+    assert all(len(row) == len(rows[0]) for row in rows)
+    if target == "state.json":
+        assert [r[0] for r in rows] == ["epoch", "1", "2"]
+    else:  # a CSV line is written whole or not at all
+        assert (tmp_path / "log.csv").read_bytes() == csv_before
+
+    model = tiny_regression()
+    checkpoint = training.checkpoint.RunCheckpoint(str(tmp_path), batch_size=8, steps_per_epoch=2)
+    assert checkpoint.restore(model) == saved
+    training.run.fit_resumable(model, regression_stream, checkpoint, 3, 2, [checkpoint], verbose=0)
+    assert [r[0] for r in csv_rows(tmp_path)] == ["epoch", "1", "2", "3"]
+    assert training.checkpoint.read_state(str(tmp_path / "state.json"))["epochs_done"] == 3
+
+
+def test_a_sample_grid_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "grid.png")
+    common.save_grid(path, np.zeros((4, 8, 8, 3)))
+    before = open(path, "rb").read()
+
+    def half_then_full(file, image, **kwargs):
+        open(file, "wb").write(b"half a PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(common.iio, "imwrite", half_then_full)
+    with pytest.raises(common.CannotWrite, match=r"cannot write .*grid.png \(No space left on "
+                                                 r"device\): it needs about 768 bytes, "):
+        common.save_grid(path, np.ones((4, 8, 8, 3)), kept="epoch 3 is saved")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["grid.png"]
+
+
+def mount_a_small_tmpfs_works(tmp_path):
+    """Whether this machine lets an unprivileged process mount a tmpfs in its own user and
+    mount namespaces (`unshare -Urm`), where a real full filesystem can be made."""
+    if not shutil.which("unshare"):
+        return False
+    (tmp_path / "probe").mkdir()
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"',
+                            str(tmp_path / "probe")], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+FILL_LEAVING = textwrap.dedent("""
+    import os, sys
+    path, leave = sys.argv[1], int(sys.argv[2])
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(path, max(os.path.getsize(path) - leave, 0))
+""")
+
+
+def test_a_save_into_a_full_filesystem_stops_with_one_line_and_the_same_command_resumes(
+        fvae_reference, tmp_path, capsys):
+    """A real full disk: the finished 3-epoch run is copied onto a small tmpfs (mounted in a
+    user and mount namespace of its own), which is then filled but for half a weights file.
+    The same command for a 4th epoch, a real process there, cannot write epoch 4's save: it
+    exits 1 (HDF5 does not crash it at exit) with one line naming the file, the space a save
+    needs and the space free, and no traceback; the epoch 3 save and log.csv are intact. The
+    folder, taken off the full disk, resumes with the same command from epoch 3."""
+    if not mount_a_small_tmpfs_works(tmp_path):
+        pytest.skip("cannot mount a tmpfs here (unshare -Urm); "
+                    "test_a_full_disk_at_any_write_... injects ENOSPC instead")
+    data, reference = fvae_reference
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    leave = os.path.getsize(reference / "latest.weights.h5") // 2
+    argv = fvae_argv(data, disk / "run", 4)
+    script = textwrap.dedent("""
+        set -u
+        mount -t tmpfs -o size=48m tmpfs "$DISK" && cp -a "$REFERENCE" "$DISK/run" || exit 90
+        "$PYTHON" -c "$FILL" "$DISK/filler" "$LEAVE" || exit 91
+        "$PYTHON" tests/fault_hooks.py f_vaes.py "$@" > "$OUT/stdout" 2> "$OUT/stderr"
+        echo $? > "$OUT/rc"
+        df -k "$DISK" > "$OUT/df"
+        cp -a "$DISK/run" "$OUT/run"
+    """)
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script, "sh", *argv], cwd=ROOT, timeout=300,
+                   check=True, env={**os.environ, "DISK": str(disk), "REFERENCE": str(reference),
+                                    "PYTHON": sys.executable, "FILL": FILL_LEAVING,
+                                    "LEAVE": str(leave), "OUT": str(out)})
+    stderr = (out / "stderr").read_text()
+    assert (out / "rc").read_text().strip() == "1", stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write {re.escape(str(disk / 'run'))}/(best|latest)"
+                        r"\.weights\.h5 \(No space left on device\): it needs about 12\.\d MB, "
+                        r"[\d.]+ MB free there; the previous save is intact: free some space and "
+                        r"run the same command again", last), last
+    run = out / "run"
+    assert training.checkpoint.weights_attrs(run / "latest.weights.h5")["epochs_done"] == 3
+    assert csv_rows(run) == csv_rows(reference)
+    assert not [n for n in os.listdir(run) if ".tmp" in n or n == "trainer.lock"]
+
+    capsys.readouterr()
+    assert main_exit_code(f_vaes, fvae_argv(data, run, 4)) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1", "2", "3", "4"]
+
+
 # --------------------------------------------------------------------------- interruption
 
 @pytest.fixture(scope="module")
@@ -578,6 +831,49 @@ def test_sigkills_at_random_moments_lose_nothing_and_change_nothing(fvae_referen
         np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
 
 
+# --------------------------------------------------------------------------- two trainers
+
+def test_a_second_trainer_on_the_same_folder_stops_at_once_and_a_killed_ones_lock_blocks_nothing(
+        tmp_path, capsys):
+    """Two real processes with the same command: while the first trains (paused in epoch 2's
+    save), the second exits 2 with one line naming the first (its pid and command) and changes
+    nothing in the folder; a command that only reads the run (sample) works meanwhile. The
+    first is then killed (SIGKILL: its lock file stays behind), and the same command resumes
+    from epoch 1 and finishes, and removes the lock file."""
+    data = write_faces(tmp_path / "faces")
+    run = tmp_path / "run"
+    argv = fvae_argv(data, run, 2)
+    first = Training("f_vaes.py", argv, tmp_path, env={fault_hooks.PAUSE_ENV: "2:90"})
+    try:
+        first.wait_for(lambda: first.saw("pausing before renaming"))
+        lock = run / training.run.RunFolderLock.NAME
+        assert f"pid {first.process.pid} on " in lock.read_text()
+        before = folder_digest(run)
+        second = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tests", "fault_hooks.py"), "f_vaes.py", *argv],
+            cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and errors[0] == second.stderr.strip().splitlines()[-1]
+        assert errors[0].startswith(f"error: --out {str(run)!r}: another training command is "
+                                    f"running on this run folder (pid {first.process.pid} on ")
+        assert "f_vaes.py --img-size 16 " in errors[0]  # the command that holds the folder
+        assert folder_digest(run) == before
+
+        sample = ["sample", "--out", str(run), "--rows", "1", "--cols", "2"]
+        assert main_exit_code(f_vaes, sample) == 0  # a command that only reads: no lock
+        first.process.send_signal(signal.SIGKILL)
+        assert first.finish() == -signal.SIGKILL
+    finally:
+        first.kill()
+    assert lock.exists()  # left by the killed process, and no obstacle:
+    capsys.readouterr()
+    assert main_exit_code(f_vaes, argv) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert [r[0] for r in csv_rows(run)] == ["epoch", "1", "2"]
+    assert not lock.exists()
+
+
 # --------------------------------------------------------------------------- bad data
 
 @pytest.mark.parametrize("script", ["f_vaes", pytest.param("infomax", marks=pytest.mark.slow)])
@@ -597,6 +893,103 @@ def test_a_folder_of_every_kind_of_file_trains_through_a_whole_pass(script, tmp_
     assert [r[0] for r in csv_rows(run)] == ["epoch", "1"]
 
 
+def png_chunk(kind, data):
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def write_png(path, width, height, rows_of_zeros=True):
+    """A 1-bit greyscale PNG of width x height; with `rows_of_zeros` a valid one (every row a
+    filter byte and zeros, streamed through zlib), else a header with one tiny IDAT: a
+    decompression bomb's claim without the data."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    row, deflate = bytes(1 + (width + 7) // 8), zlib.compressobj(9)
+    data = (b"".join(deflate.compress(row) for _ in range(height)) if rows_of_zeros
+            else deflate.compress(row)) + deflate.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", data)
+                     + png_chunk(b"IEND", b""))
+
+
+def write_jpeg_claiming(path, width, height):
+    """A real 8 x 8 JPEG whose start of frame claims width x height: TensorFlow decodes it,
+    missing data and all, into width x height x 3 bytes (432 MB for 12,000 x 12,000)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(buffer, "JPEG")
+    data, at = bytearray(buffer.getvalue()), 2
+    while data[at + 1] != 0xC0:
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    data[at + 5:at + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+
+
+def write_gif(path, frames, width, height):
+    """An animated GIF of `frames` full frames, alternately black and white."""
+    pictures = [Image.fromarray(np.full((height, width), 255 * (i % 2), np.uint8)).convert("P")
+                for i in range(frames)]
+    pictures[0].save(path, format="GIF", save_all=True, append_images=pictures[1:],
+                     optimize=False, disposal=1)
+
+
+MEASURE_DECODING = textwrap.dedent("""
+    import json, resource, sys, time, warnings
+    import common
+    folder, warm_up = sys.argv[1], sys.argv[2]
+    common.find_readable_images([warm_up], 16)  # TensorFlow's and tf.data's own memory first
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        readable = common.scan_image_folder(folder, img_size=16)
+    print(json.dumps({"readable": readable, "warnings": [str(w.message) for w in caught],
+                      "seconds": time.time() - started,
+                      "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                         - before) / 1024}))
+""")
+
+
+def test_hostile_images_are_skipped_by_name_or_read_within_bounded_memory_and_time(tmp_path):
+    """A decompression bomb (a PNG header claiming 100,000 x 100,000 pixels over a tiny file),
+    a real 20,000 x 20,000 PNG, a JPEG whose header claims 12,000 x 12,000 (TensorFlow would
+    decode it: 432 MB), and an animation whose 30 frames of 2,000 x 2,000 add up to 120
+    megapixels (giflib reads every frame: 120 MB), beside a small animated GIF, a 16-bit PNG,
+    a CMYK JPEG and a plain PNG (web downloads named .jpg are often GIFs). In a fresh
+    process: the four big ones are skipped by name without being decoded (common.
+    MAX_IMAGE_PIXELS = 50 megapixels, read from their headers), the others are read (the
+    animation's first frame), and the peak memory of the whole scan grows by less than 64 MB."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_png(folder / "bomb.png", 100_000, 100_000, rows_of_zeros=False)
+    write_png(folder / "huge.png", 20_000, 20_000)
+    write_jpeg_claiming(folder / "claims_12000.jpg", 12_000, 12_000)
+    write_gif(folder / "long_animation.jpg", 30, 2000, 2000)
+    write_gif(folder / "animated.jpg", 5, 40, 30)
+    tf.io.write_file(str(folder / "deep16.png"),
+                     tf.io.encode_png((RNG.rand(24, 32, 3) * 65535).astype("uint16")))
+    Image.fromarray((RNG.rand(24, 32, 3) * 255).astype("uint8")).convert("CMYK").save(
+        folder / "cmyk.jpg")
+    Image.fromarray((RNG.rand(24, 32, 3) * 255).astype("uint8")).save(folder / "plain.png")
+    assert (folder / "bomb.png").stat().st_size < 200
+    assert (folder / "long_animation.jpg").stat().st_size < 2_000_000
+
+    measured = subprocess.run([sys.executable, "-c", MEASURE_DECODING, str(folder),
+                               str(folder / "plain.png")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=180)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    result = json.loads(measured.stdout.strip().splitlines()[-1])
+    assert sorted(os.path.basename(f) for f in result["readable"]) == [
+        "animated.jpg", "cmyk.jpg", "deep16.png", "plain.png"]
+    warned = "\n".join(result["warnings"])
+    for name, says in [("bomb.png", "its header says 100000 x 100000 pixels"),
+                       ("huge.png", "its header says 20000 x 20000 pixels"),
+                       ("claims_12000.jpg", "its header says 12000 x 12000 pixels"),
+                       ("long_animation.jpg", "the frames of its 2000 x 2000 animation add up to")]:
+        assert f"skipping image {folder / name}: {says}" in warned
+    assert warned.count("more than the 50 megapixels allowed") == 4
+    assert ("skipped 4 unreadable image file(s) of 8 (4 of them too large to decode)"
+            in measured.stderr)
+    assert result["peak_growth_mb"] < 64, result
+    assert result["seconds"] < 30, result
+
+
 def write_messy_folder_at(folder):
     folder.mkdir()
     return write_messy_folder(folder)
@@ -614,6 +1007,74 @@ def test_a_folder_without_a_usable_image_is_an_error_before_training(script, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --data-dir") and str(tmp_path / "data") in err
     assert not (run / "latest.weights.h5").exists() and not (run / "log.csv").exists()
+
+
+class WritesMarker:
+    """A pickled object that, when unpickled by `pickle.load`, runs code: it writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the payload ran')",)
+
+
+@pytest.mark.parametrize("packed", ["folder", "tarball"])
+def test_a_crafted_cifar_batch_runs_no_code_and_is_named(packed, tmp_path, capsys):
+    """A data_batch_1 in the official format with one more item whose unpickling runs code (it
+    would write a marker file). infomax.py refuses it: exit 2, one line naming the file and
+    the refused global, before any model is built; the marker never appears. The same file
+    given to plain pickle.load does write the marker: the payload is real."""
+    batches, _ = make_cifar_fixture(str(tmp_path / "data"), rows=2)
+    marker = tmp_path / "marker"
+    crafted = os.path.join(batches, "data_batch_1")
+    write_cifar_batch(crafted, np.zeros((2, 32, 32, 3), np.uint8), [0, 1],
+                      extra={b"payload": WritesMarker(marker)})
+    data_dir = str(tmp_path / "data")
+    if packed == "tarball":
+        data_dir = str(tmp_path / "cifar-10-python.tar.gz")
+        with tarfile.open(data_dir, "w:gz") as tar:
+            tar.add(batches, arcname="cifar-10-batches-py")
+        crafted = f"{data_dir}:cifar-10-batches-py/data_batch_1"
+    argv = ["--dataset", "cifar10", "--data-dir", data_dir, "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--epochs", "1", "--monitor-knn", "0", "--no-baseline"]
+    assert main_exit_code(infomax, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{crafted}: not readable as a CIFAR-10 python batch" in err[0]
+    assert "refused __builtin__.exec" in err[0]  # as Python 2 named builtins
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "latest.weights.h5").exists()
+
+    with open(os.path.join(batches, "data_batch_1"), "rb") as f:
+        pickle.load(f, encoding="bytes")  # what the loader did before
+    assert marker.read_text() == "the payload ran"
+
+
+def test_the_cifar_reader_refuses_every_global_but_numpy_arrays(tmp_path):
+    """Python 3 pickles of the same dict: protocols 3 to 5 (bytes need no global; numpy's
+    arrays, `_reconstruct` or at protocol 5 `_frombuffer`) load; protocol 2 stores bytes
+    through _codecs.encode, which the official files never name: refused, as os.system is."""
+    images, labels = RNG.randint(0, 256, (2, 32, 32, 3)).astype(np.uint8), [3, 4]
+    batch = {b"batch_label": b"x", b"labels": labels,
+             b"data": images.transpose(0, 3, 1, 2).reshape(2, 3072)}
+    for protocol in (3, 4, 5):
+        loaded = datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=protocol)))
+        np.testing.assert_array_equal(loaded[0], images)
+        assert list(loaded[1]) == labels
+    with pytest.raises(pickle.UnpicklingError, match="refused _codecs.encode"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps(batch, protocol=2)))
+    with pytest.raises(pickle.UnpicklingError, match="refused (posix|os).system"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"x": SystemCall()},
+                                                          protocol=4)))
+    with pytest.raises(ValueError, match="expected uint8"):
+        datasets.read_cifar_batch(io.BytesIO(pickle.dumps({**batch, b"data": np.zeros((2, 5))},
+                                                          protocol=4)))
+
+
+class SystemCall:
+    def __reduce__(self):
+        return os.system, ("true",)
 
 
 # --------------------------------------------------------------------------- bad flags and places

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 from unittest import mock
 
@@ -152,12 +153,28 @@ def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
 
 # --------------------------------------------------------------------------- data
 
-def write_cifar_batch(path, images, labels, label=b"training batch 1 of 5"):
-    """The official python-pickle format: protocol 2, bytes keys, rows of 1024 R, G, B."""
+class Python2Pickler(pickle._Pickler):
+    """Python 2's cPickle at protocol 2, as the official CIFAR-10 files were written: bytes
+    as SHORT_BINSTRING/BINSTRING (Python 3's pickler, at protocol 2, stores them through
+    `_codecs.encode`, a global the official files never name)."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_str_of_python2(self, obj):
+        size = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([size]) if size < 256
+                    else pickle.BINSTRING + struct.pack("<i", size)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_str_of_python2
+
+
+def write_cifar_batch(path, images, labels, label=b"training batch 1 of 5", extra=None):
+    """The official python-pickle format: protocol 2, bytes keys, rows of 1024 R, G, B.
+    `extra`: more items of the dict (a crafted file's payload)."""
     data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
     with open(path, "wb") as f:
-        pickle.dump({b"batch_label": label, b"labels": list(map(int, labels)), b"data": data}, f,
-                    protocol=2)
+        batch = {b"batch_label": label, b"labels": list(map(int, labels)), b"data": data}
+        Python2Pickler(f, protocol=2).dump({**batch, **(extra or {})})
 
 
 def make_cifar_fixture(folder, rows=3, seed=0):

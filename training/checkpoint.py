@@ -3,25 +3,29 @@
 `RunCheckpoint` writes the weights, the optimiser state, the position in the data stream and
 the noise streams' states into one HDF5 file, atomically, after every epoch and on Ctrl-C;
 it falls back on the previous or best save when the latest is damaged, and keeps `log.csv`
-one whole line per saved epoch. `check_run_config` keeps a resumed run from mixing models.
+one whole line per saved epoch. A full disk stops the run with one line and leaves every
+earlier save and `log.csv` as they were. `check_run_config` keeps a resumed run from mixing models.
 """
 
 import contextlib
 import csv
+import gc
 import glob
+import io
 import json
 import os
 import signal
 import sys
 import time
+import traceback
 
 import numpy as np
 import tensorflow as tf
 import keras
 import h5py
 
-from common import (Interrupted, TrainingStopped, UsageError, flag_name, read_json,
-                    write_json)
+from common import (CannotWrite, Interrupted, TrainingStopped, UsageError, append_text,
+                    cannot_write, flag_name, read_run_json, remove_quietly, write_json, write_text)
 from training import distribute
 
 
@@ -34,20 +38,21 @@ def config_differences(saved, config, keys):
 def check_run_config(run_dir, config, must_match):
     """Save the run's configuration beside its weights, or check a resumed run against it,
     before anything is written: against config.json, or, if that is gone, against the model
-    configuration stored inside the run's weights files.
+    configuration stored inside the run's weights files. A damaged or hand-edited config.json
+    or state.json is a UsageError naming the file and the key, and stays as it is.
 
     `must_match` lists the keys that change the model (a resumed run must use the same).
     Returns what the previous command saved in config.json ({} if none).
     """
     path = os.path.join(run_dir, "config.json")
     source, saved = path, {}
-    if os.path.exists(path):
-        try:
-            saved = read_json(path)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{path}: unreadable run configuration ({e})") from None
+    if os.path.exists(path):  # a damaged or hand-edited one is an error, never overwritten
+        kinds = {k: (type(v), True) for k, v in config.items() if v is not None}
+        saved = read_run_json(path, kinds, required=must_match)
     else:
         source, saved = saved_model_config(run_dir)
+    if os.path.exists(os.path.join(run_dir, "state.json")):
+        read_state(os.path.join(run_dir, "state.json"))
     diffs = config_differences(saved, config, [k for k in must_match if k in saved])
     if diffs:
         raise UsageError(f"{source} holds another model: " + "; ".join(diffs)
@@ -65,30 +70,98 @@ def saved_model_config(run_dir):
     return None, {}
 
 
-def atomic_save_weights(model, path, previous=None, **attrs):
+STATE_KINDS = {"epochs_done": (int, False), "steps_done": (int, False),
+               "images_seen": (int, False), "best": (float, True)}
+
+
+def read_state(path):
+    """A run's state.json (where it is, for people and tools), checked by `read_run_json`."""
+    return read_run_json(path, STATE_KINDS, required=("epochs_done",),
+                         fix="repair or delete it (the weights files hold where the run is)")
+
+
+def atomic_save_weights(model, path, previous=None, kept=None, **attrs):
     """`model.save_weights` (weights and optimiser state) through a temporary file + rename.
 
     `attrs` (e.g. epochs_done=3) are stored inside the same HDF5 file, so that the weights
     and the count they belong to are committed by one rename and can never disagree. The
     file is synced to disk before the rename. With `previous`, the file being replaced is
     kept under that name. A save that cannot be written (a full disk) removes its temporary
-    file, leaves the old one as it was and raises TrainingStopped.
+    file, leaves the old one as it was and raises CannotWrite, with about how much space a
+    save needs (`kept`: what is safe, for its message; default: the previous save).
     """
     tmp = path[: -len(".weights.h5")] + ".tmp.weights.h5"
+    failure = None
+    with h5py_failures_contained(tmp) as contain:
+        try:
+            model.save_weights(tmp, overwrite=True)
+            if attrs:
+                with h5py.File(tmp, "a") as f:
+                    for key, value in attrs.items():
+                        f.attrs[key] = value
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            contain()
+            failure = OSError(e.errno, os.strerror(e.errno) if e.errno else first_line(e))
+    if failure is None:
+        try:
+            commit(tmp, path, previous, attrs)
+            return
+        except OSError as e:
+            failure = e
+    remove_quietly(tmp)
+    needed = max([weights_file_size(model)]
+                 + [os.path.getsize(p) for p in (path, previous) if p and os.path.exists(p)])
+    raise cannot_write(path, failure, needed, kept or "the previous save is intact") from None
+
+
+def weights_file_size(model):
+    """About the size of the model's weights file: its weights and optimiser state."""
+    variables = list(model.weights) + list(getattr(model.optimizer, "variables", None) or [])
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+@contextlib.contextmanager
+def h5py_failures_contained(path):
+    """Around the writing of the HDF5 file `path`, which a full disk can make fail. h5py
+    reports each flush that fails as it drops the file's objects (a traceback through
+    sys.excepthook, 'Exception ignored' through sys.unraisablehook), after the OSError that
+    matters: those reports are kept off the screen. Call the yielded function on failure,
+    before the objects go: HDF5 keeps a file it could not flush open and flushes it again at
+    exit, where the full disk makes the process crash (SIGSEGV); on Linux its descriptor is
+    pointed at an anonymous memory file instead, so that those writes succeed, nowhere."""
+    def from_h5py(tb):
+        return any("h5py" in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))
+
+    def excepthook(kind, value, tb):
+        if not from_h5py(tb):
+            hooks[0](kind, value, tb)
+
+    def unraisablehook(unraisable):
+        if "h5py" not in str(unraisable.object) and not from_h5py(unraisable.exc_traceback):
+            hooks[1](unraisable)
+
+    def contain():
+        failed.append(path)
+        if not (hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")):
+            return
+        names = {os.path.abspath(path), os.path.abspath(path) + " (deleted)"}
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") in names:
+                    sink = os.memfd_create("discarded_hdf5_writes")
+                    os.dup2(sink, int(fd))
+                    os.close(sink)
+
+    hooks, failed = (sys.excepthook, sys.unraisablehook), []
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
     try:
-        model.save_weights(tmp, overwrite=True)
-        if attrs:
-            with h5py.File(tmp, "a") as f:
-                for key, value in attrs.items():
-                    f.attrs[key] = value
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise TrainingStopped(f"cannot write {path} ({e.strerror or e}); the previous save is "
-                              "intact: free some space and run the same command again") from None
-    commit(tmp, path, previous, attrs)
+        yield contain
+        if failed:
+            gc.collect()  # the failed file's objects go now, while their reports are kept quiet
+    finally:
+        sys.excepthook, sys.unraisablehook = hooks
 
 
 def commit(tmp, path, previous=None, attrs=None):
@@ -152,7 +225,9 @@ class RunCheckpoint(keras.callbacks.Callback):
     Every file is written to a temporary name and renamed, temporaries left by a killed save
     are removed on resume, and the CSV is cut back to the saved epoch, so an interrupted run
     never has a half-written checkpoint, weights that disagree with their position, or
-    duplicated lines. Weights that are not finite are never saved (TrainingStopped).
+    duplicated lines. Weights that are not finite are never saved (TrainingStopped). A file
+    that cannot be written (a full disk) stops the run (CannotWrite, one line: the file, the
+    space it needs, what is intact); lines are appended whole or not at all.
     Call `restore()` before training and train with `fit_resumable`. The model and its
     optimiser must be built first.
     """
@@ -191,6 +266,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         model configuration, or no readable file at all, is a UsageError naming the files.
         """
         self._remove_temporaries()
+        if os.path.exists(self.state_path):
+            read_state(self.state_path)  # damaged or edited by hand: say so, do not overwrite it
         candidates = [p for p in (self.latest, self.previous, self.best) if os.path.exists(p)]
         problems = []
         for path in candidates:
@@ -245,7 +322,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         if not weights_are_finite(model):
             raise ValueError("its weights are not finite")
         if "epochs_done" not in saved and os.path.exists(self.state_path):
-            saved = {**read_json(self.state_path), **saved}  # written by an older version
+            saved = {**read_state(self.state_path), **saved}  # written by an older version
         return saved
 
     def _best_value(self, saved):
@@ -276,11 +353,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         for row in rows[1:]:
             if len(row) == len(header) and row[0] == str(len(lines) + 1) and len(lines) < epochs_done:
                 lines.append(row)
-        if header is not None:
-            tmp = self.csv_path + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows([header] + lines)
-            os.replace(tmp, self.csv_path)
+        if header is not None and len(lines) + 1 < len(rows):
+            write_text(self.csv_path, csv_text([header] + lines), kept="log.csv is as it was")
         if saved_logs and epochs_done and len(lines) == epochs_done - 1:
             self._append_csv(epochs_done, json.loads(saved_logs))
 
@@ -323,8 +397,10 @@ class RunCheckpoint(keras.callbacks.Callback):
             atomic_save_weights(self.model, self.best, **self._attrs(), log_row=row)
         atomic_save_weights(self.model, self.latest, previous=self.previous, **self._attrs(),
                             log_row=row)
-        self._append_csv(epoch + 1, logs)  # cut back to epochs_done on resume if this is lost
-        write_json(self.state_path, self.state)  # for people and tools; resume reads the weights
+        saved = f"epoch {epoch + 1} is saved in {self.latest}"
+        # a line lost here comes back from the weights file on resume
+        self._append_csv(epoch + 1, logs, kept=f"{saved} (with its line of log.csv)")
+        write_json(self.state_path, self.state, kept=saved)  # for people and tools
         if self.interrupt is not None:  # Ctrl-C during the epoch's last step or its save
             self.model.stop_training = True
 
@@ -334,7 +410,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self._refuse_non_finite("the interruption")
         atomic_save_weights(self.model, self.latest, previous=self.previous,
                             **self._attrs(), **metric_states(self.model))
-        write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state, kept=f"the run is saved in {self.latest}")
         message = (f"{signal.Signals(signum).name}: saved {self.latest} after step "
                    f"{self.steps_done} of epoch {self.epochs_done + 1}; the same command "
                    "continues from there")
@@ -353,22 +429,33 @@ class RunCheckpoint(keras.callbacks.Callback):
             raise TrainingStopped(message)
 
     def log_event(self, message, echo=True):
-        """One line on stderr and, with the time, in events.log (appended, never cut back)."""
+        """One line on stderr and, with the time, in events.log (appended, never cut back). A
+        line that cannot be written (a full disk) stops the run (CannotWrite); with `echo`
+        False the caller raises with `message` next, and that error is the one to see."""
         if echo:
             print(message, file=sys.stderr, flush=True)
-        with open(self.events_path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        try:
+            append_text(self.events_path, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n",
+                        kept="the saves are intact")
+        except CannotWrite:
+            if echo:
+                raise
 
-    def _append_csv(self, epoch, logs):
+    def _append_csv(self, epoch, logs, kept=None):
         new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
         if new:
             keys = sorted(k for k in logs if np.ndim(logs[k]) == 0)
         else:  # keep the columns of the first epoch
             with open(self.csv_path, newline="") as f:
                 keys = next(csv.reader(f))[1:]
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["epoch"] + keys)
-            writer.writerow([epoch] + [f"{float(logs[k]):.6g}" if k in logs else "" for k in keys])
+        rows = [["epoch"] + keys] if new else []
+        rows.append([epoch] + [f"{float(logs[k]):.6g}" if k in logs else "" for k in keys])
+        append_text(self.csv_path, csv_text(rows), kept)  # the whole line or nothing
+
+
+def csv_text(rows):
+    """Rows as the csv module writes them (lines end in \\r\\n)."""
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    return text.getvalue()
 

@@ -9,14 +9,23 @@ Both scripts call these two; `RunSettings` holds the flags they share.
 import contextlib
 import dataclasses
 import math
+import os
+import shlex
 import signal
+import socket
 import sys
+import time
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: runs are not locked
+    fcntl = None
 
 import tensorflow as tf
 
 import tf_setup
 
-from common import Interrupted, ensure_writable_dir, option
+from common import Interrupted, UsageError, ensure_writable_dir, option
 from training.checkpoint import RunCheckpoint, check_run_config
 from training.distribute import (DISTRIBUTE, AverageReplicaStatistics, check_global_batch,
                                  check_workers_agree, device_list, make_strategy,
@@ -52,12 +61,78 @@ class RunSettings:
 class Run:
     """Where a run trains: `dir` is `--out` on the chief, a temporary folder on other workers;
     `lr_before` is the --lr of the previous command on this run (None if none); `data` what
-    `prepare_run`'s `load_data` returned."""
+    `prepare_run`'s `load_data` returned; `lock` the chief's hold on `out`. Use it as
+    `with prepare_run(...) as run:`, which lets go of the folder at the end."""
     out: str
     dir: str
     strategy: tf.distribute.Strategy
     lr_before: float = None
     data: object = None
+    lock: "RunFolderLock" = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+
+
+class RunFolderLock:
+    """One training command per run folder: an exclusive `flock` on `trainer.lock` in it, held
+    until `release()` or the process's end, with the holder's pid, host, start time and command
+    written inside. A second trainer on the folder is a UsageError naming that process. The
+    kernel drops the lock of a process that dies, so the file a killed trainer leaves behind
+    blocks nothing; a released lock's file is removed. Commands that only read a run (sample,
+    evaluate, search) do not lock: every file they read is replaced by a rename."""
+
+    NAME = "trainer.lock"
+
+    def __init__(self, run_dir, flag="--out"):
+        self.path, self.file = os.path.join(run_dir, self.NAME), None
+        if fcntl is None:
+            return
+        try:
+            while self.file is None:
+                f = open(self.path, "a+")
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = " ".join(f.read().split()) or "it has not written its name yet"
+                    f.close()
+                    raise UsageError(f"{flag} {run_dir!r}: another training command is running "
+                                     f"on this run folder ({holder}); wait for it to end or "
+                                     f"stop it (the same command then resumes), or use another "
+                                     f"{flag}") from None
+                if self._is_still_in_the_folder(f):
+                    self.file = f
+                else:  # its holder removed it as we opened it: lock the one now there
+                    f.close()
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                            f"{shlex.join([os.path.basename(sys.executable), *sys.argv])}\n")
+            self.file.flush()
+        except OSError as e:
+            self.release()
+            raise UsageError(f"{flag} {run_dir!r}: cannot write there ({e.strerror or e})") from None
+
+    def _is_still_in_the_folder(self, f):
+        try:
+            return os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self):
+        """Remove the file while still holding it (so that no one locks a removed file), then
+        let go."""
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.file.close()
+            self.file = None
 
 
 def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
@@ -66,7 +141,9 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
     (`config.jit_compile`), the run folder (the chief's `out`) writable, the global batch
     split over the replicas, `load_data()` if given, and last config.json written, or a
     resumed run checked against it (`model_keys` must match). Bad values are UsageErrors
-    raised before anything in `out` changes."""
+    raised before anything in `out` changes. The chief locks `out` first (`RunFolderLock`,
+    released when the `with` block of the returned Run ends): a second trainer on the same
+    folder stops there, before it reads any data."""
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     strategy = make_strategy(config.distribute, config.devices)
@@ -76,10 +153,16 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
     config.jit_compile = xla_allowed(wanted, config.distribute, "--jit-compile")
     run_dir = writable_run_dir(out, strategy)  # --out on the chief only
     ensure_writable_dir(run_dir, "--out" if run_dir == out else "TMPDIR")
-    check_global_batch(config.batch_size, strategy, per_replica_minimum)
-    data = load_data() if load_data else None
-    before = check_run_config(run_dir, dataclasses.asdict(config), must_match=model_keys)
-    return Run(out, run_dir, strategy, before.get("lr"), data)
+    lock = RunFolderLock(out) if run_dir == out else None
+    try:
+        check_global_batch(config.batch_size, strategy, per_replica_minimum)
+        data = load_data() if load_data else None
+        before = check_run_config(run_dir, dataclasses.asdict(config), must_match=model_keys)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return Run(out, run_dir, strategy, before.get("lr"), data, lock)
 
 
 def fit_run(run, config, model_keys, build_model, stream, steps_per_epoch, monitors=(),
