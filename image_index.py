@@ -497,7 +497,8 @@ class Update:
                              "to index the folder again with this one")
         rows = {f.path: (row, f) for row, f in
                 enumerate(read_file_list(os.path.join(self.index_path, meta["files"])))}
-        unreadable = {path: ImageFile(path, size, mtime) for path, size, mtime in meta["unreadable"]}
+        unreadable = {path: ImageFile(path, size, mtime)
+                      for path, size, mtime in meta["unreadable"]}
         return meta, rows, unreadable
 
     def run(self, batch_size, commit_every):
@@ -534,7 +535,8 @@ class Update:
     def plan(self, todo, base):
         """The progress of the interrupted indexing of exactly `todo`, or a fresh start."""
         digest = todo_digest(self.fingerprint, base, todo)
-        plan_path, progress_path = (os.path.join(self.work, n) for n in ("plan.json", "progress.json"))
+        plan_path = os.path.join(self.work, "plan.json")
+        progress_path = os.path.join(self.work, "progress.json")
         if os.path.isfile(plan_path) and os.path.isfile(progress_path):
             try:
                 if read_json(plan_path)["digest"] == digest:
@@ -632,7 +634,8 @@ def add_approximate(index_path, meta, metric, verbose=True):
     tmp = os.path.join(index_path, name + ".tmp")
     code_search.write_approximate(approximate, tmp)
     os.replace(tmp, os.path.join(index_path, name))
-    meta = {**meta, "approximate": {"file": name, "metric": metric, "kind": f"IVF{approximate.nlist},Flat",
+    meta = {**meta, "approximate": {"file": name, "metric": metric,
+                                    "kind": f"IVF{approximate.nlist},Flat",
                                     "seconds_to_build": round(time.time() - start, 1), **recall}}
     write_json(os.path.join(index_path, "index.json"), meta)
     remove_other_generations(index_path, meta)

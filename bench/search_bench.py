@@ -27,8 +27,9 @@ codes takes. Prints the numbers and the commands; no number is asserted.
    recall@10 against the exact search, query times (the synthetic clusters are far apart,
    so this recall flatters: see 4).
 4. Recall on real codes: `Index.build(..., approximate=True)` of a real folder (default:
-   Tiny ImageNet's 10,000 validation JPEGs, 64 px, untrained encoder), which measures the
-   approximate index's recall@10 against the exact search on 200 of its own images.
+   the shared Tiny ImageNet subset, ../shared/data/tiny-imagenet-200, 6,200 JPEGs of its
+   train and val splits; 64 px, untrained encoder), which measures the approximate index's
+   recall@10 against the exact search on 200 of its own images.
 
 Generated images and codes go to a temporary folder under /tmp (removed unless --keep).
 """
@@ -53,8 +54,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as infomax.py sets it
 
 DATASET_OF_SIZE = {32: "cifar10", 64: "tiny-imagenet"}
 PARTS = ("throughput", "memory", "search", "recall")
-# 10,000 real JPEG images (Tiny ImageNet's validation split) for the approximate index's recall
-REAL_FOLDER = os.path.join(os.path.dirname(ROOT), "shared", "data", "tiny-imagenet-200", "val")
+# real JPEG images for the approximate index's recall: the shared Tiny ImageNet subset (6,200)
+REAL_FOLDER = os.path.join(os.path.dirname(ROOT), "shared", "data", "tiny-imagenet-200")
 
 
 def fail(message):
@@ -216,8 +217,8 @@ def search_worker(folder, count, dim, approximate):
                           "one_query_cpu_ms_median": 1000 * float(np.median(one[:, 2])),
                           "batch_100_s_median": batch[0], "batch_100_s_min": batch[1],
                           "batch_100_cpu_s_median": batch[2],
-                          "equals_brute_force": bool(np.array_equal(
-                              np.sort(rows, 1), np.sort(brute_force(codes, queries, 10, metric), 1)))}
+                          "equals_brute_force": bool(np.array_equal(np.sort(rows, 1), np.sort(
+                              brute_force(codes, queries, 10, metric), 1)))}
     if approximate:
         result["faiss"] = faiss_numbers(codes, queries, norms, draw)
     return result
@@ -230,7 +231,7 @@ def brute_force(codes, queries, k, metric):
         scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
             codes / np.linalg.norm(codes, axis=1, keepdims=True)).T
     else:
-        scores = -((queries ** 2).sum(1)[:, None] - 2 * queries @ codes.T + (codes ** 2).sum(1)[None])
+        scores = 2 * queries @ codes.T - (codes ** 2).sum(1)[None]  # -|q - b|^2 + |q|^2
     return np.argsort(-scores, axis=1)[:, :k]
 
 
@@ -278,7 +279,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--throughput-images", type=int, default=None,
                         help="generated images per size for the speed (default 10000; quick 512)")
-    parser.add_argument("--memory-images", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+    parser.add_argument("--memory-images", type=int, nargs=2, default=None,
+                        metavar=("SMALL", "LARGE"),
                         help="folder sizes for peak memory (default 10000 100000; quick 500 2000)")
     parser.add_argument("--codes", type=int, default=None,
                         help="synthetic codes to search (default 1000000; quick 20000)")
@@ -321,8 +323,9 @@ def main():
     tmp = args.tmp or tempfile.mkdtemp(prefix="search_bench_", dir="/tmp")
     os.makedirs(tmp, exist_ok=True)
     command = "python bench/search_bench.py " + " ".join(sys.argv[1:])
-    print(f"command: {command.strip()}\nmachine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"load average {load_average()}\nfiles in {tmp}", flush=True)
+    print(f"command: {command.strip()}\nmachine: {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}, load average {load_average()}\n"
+          f"files in {tmp}", flush=True)
     result = {"command": command.strip(), "date": time.strftime("%Y-%m-%d"),
               "cpus": os.cpu_count(), "load_average_start": load_average()}
     try:
@@ -340,7 +343,8 @@ def main():
             if os.path.isdir(args.real_folder or ""):
                 result["real_recall"] = real_recall_row(tmp, args.real_folder, args.real_size)
             else:
-                print(f"--real-folder {args.real_folder!r}: no such folder; no recall on real codes")
+                print(f"--real-folder {args.real_folder!r}: no such folder; no recall on "
+                      "real codes")
         result["load_average_end"] = load_average()
         print(f"load average at the end: {result['load_average_end']}")
         if args.json:
@@ -406,9 +410,10 @@ def search_rows(tmp, code_count, dim, with_faiss, blas_threads):
             numbers = row[metric]
             print(f"exact {metric} search of {code_count:,} x {dim} codes, k=10, BLAS threads "
                   f"{threads}: one query {numbers['one_query_ms_median']:.1f} ms (median of 20; "
-                  f"min {numbers['one_query_ms_min']:.1f}; CPU {numbers['one_query_cpu_ms_median']:.1f}"
-                  f" ms), 100 queries {numbers['batch_100_s_median']:.2f} s (median of 5; min "
-                  f"{numbers['batch_100_s_min']:.2f}; CPU {numbers['batch_100_cpu_s_median']:.2f} s);"
+                  f"min {numbers['one_query_ms_min']:.1f}; CPU "
+                  f"{numbers['one_query_cpu_ms_median']:.1f} ms), 100 queries {numbers['batch_100_s_median']:.2f} s (median of 5; min "
+                  f"{numbers['batch_100_s_min']:.2f}; CPU "
+                  f"{numbers['batch_100_cpu_s_median']:.2f} s);"
                   f" equals brute force: {numbers['equals_brute_force']}", flush=True)
         if "faiss" in row:
             ivf = row["faiss"]

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -183,8 +182,8 @@ def test_searching_an_index_equals_a_brute_force_search_of_the_folder(run, tmp_p
         scores = -np.linalg.norm(asked[:, None] - bank[None], axis=2)
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
     assert matches.files == [[photos[i] for i in row] for row in expected]
-    np.testing.assert_allclose(np.abs(matches.scores), np.abs(np.take_along_axis(scores, expected, 1)),
-                               atol=1e-4)
+    np.testing.assert_allclose(np.abs(matches.scores),
+                               np.abs(np.take_along_axis(scores, expected, 1)), atol=1e-4)
     for query, found in zip(queries[:3], matches.files):
         assert found[0] == query  # an indexed image is its own nearest neighbour
     # uint8 images at the index's size are queries too: the same answer
@@ -313,7 +312,8 @@ def test_an_index_of_another_encoder_or_image_size_is_refused_in_one_line(run, t
     other_weights = write_run(tmp_path / "other", seed=1)
     other_size = write_run(tmp_path / "sixteen", img_size=16)
     query = str(photos / "rgba.png")
-    for other, difference in ((other_weights, "weights_sha256"), (other_size, "img_size 8, not 16")):
+    for other, difference in ((other_weights, "weights_sha256"),
+                              (other_size, "img_size 8, not 16")):
         with pytest.raises(common.UsageError, match=difference):
             Index.build(str(photos), other, str(tmp_path / "index"))
         with pytest.raises(common.UsageError, match="another encoder"):
@@ -344,9 +344,11 @@ def test_an_index_of_another_folder_and_a_second_indexing_at_once_are_refused(ru
 def test_bad_queries_and_places_are_one_line_errors(run, tmp_path, capsys):
     write_picture(tmp_path / "photos" / "a.png", seed=1)
     index = str(tmp_path / "index")
-    assert run_cli("index", "--out", run, "--folder", str(tmp_path / "photos"), "--index", index) == 0
+    assert run_cli("index", "--out", run, "--folder", str(tmp_path / "photos"),
+                   "--index", index) == 0
     for argv, message in (
-            (["search", "--index", index, "--query", str(tmp_path / "nowhere.png")], "no such file"),
+            (["search", "--index", index, "--query", str(tmp_path / "nowhere.png")],
+             "no such file"),
             (["search", "--index", str(tmp_path / "none"), "--query", "x.png"], "no index there"),
             (["search", "--query", "x.png"], "needs --index"),
             (["index", "--out", run, "--folder", str(tmp_path / "nowhere")], "no such folder"),
