@@ -1,6 +1,6 @@
 """What a trained feature extractor is good for, and how good it is: encode images, find
 nearest neighbours (cosine or Euclidean), k-NN and probe accuracies on a labelled split,
-neighbour pictures, and search by image in a folder."""
+neighbour pictures. Search by image over an index of a folder is in image_index.py."""
 
 import os
 import sys
@@ -11,9 +11,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import (UsageError, find_readable_images, image_grid, save_grid, scan_image_folder,
-                    write_json, write_png)
-from datasets import decode_images
+from common import image_grid, save_grid, write_json, write_png
 from training.checkpoint import read_state
 
 
@@ -251,37 +249,3 @@ def metrics_table(metrics):
         else:
             lines.append(f"paper, supervised encoder: {numbers}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- search by image
-
-def search_folder(encoder, img_size, scale, folder, queries, top=9, metric="cosine", out="."):
-    """Encode every image under `folder` and each query image file; print the `top` nearest
-    (by mu) of each query and draw them as `out/search_<query>_<metric>.png`."""
-    files = scan_image_folder(folder, img_size, "--folder")
-    for q in queries:
-        if not os.path.isfile(q):
-            raise UsageError(f"--query {q!r}: no such file")
-    queries, bad = find_readable_images(queries, img_size, verbose=False)
-    if bad:
-        raise UsageError(f"--query {bad[0]!r}: not a readable image")
-    print(f"indexing {len(files)} images under {folder}")
-    images, _ = decode_images(files, img_size)
-    query_images, _ = decode_images(queries, img_size)
-    bank = encode(encoder, images, scale)["mu"]
-    query_mu = encode(encoder, query_images, scale)["mu"]
-    indices, scores = nearest(query_mu, bank, top, metric)
-    for q, query_image, query_code, found, score in zip(queries, query_images, query_mu,
-                                                         indices, scores):
-        print(f"query {q}:")
-        for rank, (i, s) in enumerate(zip(found, score), 1):
-            if metric == "cosine":
-                value = f"cosine {s:.4f}"
-            else:  # `nearest` scores -|q-b|^2 + |q|^2
-                value = f"distance {np.sqrt(max(np.sum(query_code ** 2) - s, 0.0)):.4f}"
-            print(f"  {rank:3d}. {files[i]}  ({value})")
-        stem = os.path.splitext(os.path.basename(q))[0]
-        picture = os.path.join(out, f"search_{stem}_{metric}.png")
-        save_grid(picture, np.concatenate([query_image[None], images[found]]), rows=1,
-                  cols=1 + len(found), value_range=(0, 255))
-        print(f"  picture: {picture}")

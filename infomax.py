@@ -9,13 +9,14 @@ by its KL term. The feature extractor is x -> mu.
 
     python infomax.py --dataset cifar10 --data-dir data/cifar10 --out runs/dim-cifar10
     python infomax.py evaluate --out runs/dim-cifar10           # metrics again, no training
+    python infomax.py index --out runs/dim-cifar10 --folder DIR  # search by image: index once
     python infomax.py search --out runs/dim-cifar10 --folder DIR --query DIR/some.jpg
     python infomax.py COMMAND --help                             # its flags
 
 The story, top to bottom: configuration, data, encoder, discriminators, the loss, the
 training model, training, the command line. What a trained encoder is good for (k-NN and
-probe accuracies, neighbour pictures, search by image) is in feature_eval.py; the data
-sets are in datasets.py.
+probe accuracies, neighbour pictures) is in feature_eval.py, search by image over an index of
+a folder in image_index.py; the data sets are in datasets.py.
 """
 
 import argparse
@@ -558,12 +559,46 @@ def embed(images, encoder, config):
     return feature_eval.encode(encoder, np.asarray(images, np.uint8), pixel_scale(config))["mu"]
 
 
+def index(args):
+    """Index every image under --folder with the run's encoder (image_index.py), or bring
+    that index up to date."""
+    import image_index  # built on this file's encoder, so imported only by the commands
+    sizes = {k: v for k, v in (("batch_size", args.batch_size),
+                               ("commit_every", args.commit_every)) if v is not None}
+    image_index.Index.build(args.folder, args.out, args.index, approximate=args.approximate,
+                            metric=args.metric, **sizes)
+
+
 def search(args):
-    """Index every image under --folder with the run's encoder; print and draw the nearest
-    neighbours (by mu) of each --query image."""
-    encoder, config = load_encoder(args.out)
-    feature_eval.search_folder(encoder, config.img_size, pixel_scale(config), args.folder,
-                               args.query, args.top, args.metric, args.out)
+    """The nearest indexed images (by mu) of each --query image: printed, drawn next to the
+    query (search_<query>_<metric>.png) and written as CSV/JSON (--results). Against --index,
+    or the index of --folder (in the run, or at --index), brought up to date first."""
+    import image_index
+    if args.folder is not None:
+        out = args.out or "runs/infomax"
+        found = image_index.Index.build(args.folder, out, args.index)
+    elif args.index is not None:
+        found = image_index.Index.open(args.index, args.out and os.path.abspath(args.out))
+        out = args.out or found.encoder_folder
+    else:
+        raise UsageError("search needs --index (an index) or --folder (a folder to index)")
+    names, images = found.query_images(args.query)
+    matches = found.search_codes(names, found.query_codes(images), args.top, args.metric,
+                                 args.approximate)
+    image_index.print_matches(matches)
+    if args.approximate:
+        about = found.meta["approximate"]
+        print(f"approximate search: recall@{about['k']} {about['recall']:.3f} against the exact "
+              f"search, measured when it was built")
+    size = found.meta["fingerprint"]["img_size"]
+    for name, image, files in list(zip(names, images, matches.files))[:args.max_pictures]:
+        stem = os.path.splitext(os.path.basename(name))[0]
+        picture = os.path.join(out, f"search_{stem}_{args.metric}.png")
+        image_index.neighbour_picture(picture, image, files, size)
+        print(f"picture of {name}: {picture}")
+    results = args.results or os.path.join(out, "search_results.csv")
+    print(f"results: {image_index.write_matches(results, [matches])}")
+    return matches
 
 
 def encode_folder(args):
@@ -601,7 +636,9 @@ def export(args):
 
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
             "evaluate": "the metrics and pictures of a saved run again, without training",
-            "search": "search a folder by image with a run's encoder",
+            "index": "index a folder's images with a run's encoder, or bring its index up "
+                     "to date (only new and changed files are encoded)",
+            "search": "search by image: the nearest indexed images of query images",
             "ablation": "the article's experiment: global only, local only and both, the same "
                         "data, seed and budget; one table and one neighbour picture",
             "encode": "mu of every image of a folder, to .npy and .csv",
@@ -616,6 +653,16 @@ def add_evaluation_flags(parser):
     parser.add_argument("--eval-limit", type=int, default=None, metavar="N",
                         help="use only the first N train and N/5 test images for the metrics "
                              "(quick looks; default: all)")
+
+
+def add_index_flag(parser):
+    parser.add_argument("--index", default=None, metavar="PATH",
+                        help="the index folder (default: indexes/<folder name>-<hash> in the run)")
+
+
+def add_metric_flag(parser):
+    parser.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
+                        help="similarity of the codes mu")
 
 
 def parse_args(argv=None):
@@ -635,14 +682,41 @@ def parse_args(argv=None):
                                 help="where the run's data set is now (default: as saved)")
     add_evaluation_flags(evaluate_flags)
 
+    index_flags = commands["index"]
+    index_flags.add_argument("--out", default="runs/infomax", help="the run whose encoder indexes")
+    index_flags.add_argument("--folder", required=True,
+                             help="the folder of images to index (recursively)")
+    add_index_flag(index_flags)
+    index_flags.add_argument("--batch-size", type=int, default=None,
+                             help="images per encoder call (default: image_index.BATCH_SIZE, 256)")
+    index_flags.add_argument("--commit-every", type=int, default=None, metavar="N",
+                             help="images between saved progress records, what a killed indexing "
+                                  "encodes again (default: image_index.COMMIT_EVERY, 8192)")
+    index_flags.add_argument("--approximate", action="store_true",
+                             help="also build an approximate index (faiss, for millions of "
+                                  "images) for --metric and measure its recall")
+    add_metric_flag(index_flags)
+
     search_flags = commands["search"]
-    search_flags.add_argument("--out", default="runs/infomax", help="the run folder")
-    search_flags.add_argument("--folder", required=True, help="the folder of images to index")
+    search_flags.add_argument("--out", default=None,
+                              help="the run whose encoder encodes the queries, and where the "
+                                   "pictures and results go (default: the index's run; "
+                                   "runs/infomax with --folder)")
+    search_flags.add_argument("--folder", default=None,
+                              help="the folder of images to search: its index (in the run, or "
+                                   "at --index) is made or brought up to date first")
+    add_index_flag(search_flags)
     search_flags.add_argument("--query", nargs="+", required=True,
-                              help="one or more query image files")
-    search_flags.add_argument("--top", type=int, default=9, help="neighbours per query")
-    search_flags.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
-                              help="similarity of the codes mu")
+                              help="one or more query image files, or folders of them")
+    search_flags.add_argument("--top", "-k", type=int, default=9, help="neighbours per query")
+    add_metric_flag(search_flags)
+    search_flags.add_argument("--approximate", action="store_true",
+                              help="search the index's approximate (faiss) index, not exactly")
+    search_flags.add_argument("--results", default=None, metavar="FILE",
+                              help="where the results go, .csv or .json: query, rank, file, "
+                                   "score (default: search_results.csv in --out)")
+    search_flags.add_argument("--max-pictures", type=int, default=16, metavar="N",
+                              help="neighbour pictures for the first N queries only")
 
     for name in ("encode", "export"):
         commands[name].add_argument("--out", default="runs/infomax", help="the run folder")
@@ -655,6 +729,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     common.check_at_least(args, 1, *[f for f in ("probe_epochs", "eval_limit", "top")
                                      if hasattr(args, f)])
+    if args.command == "index":
+        common.check_at_least(args, 1, "batch_size", "commit_every")
+    if args.command == "search":
+        common.check_at_least(args, 0, "max_pictures")
     if args.command in ("train", "ablation"):
         args.config = resolve(common.config_from_args(Config, args))
     return args
@@ -666,7 +744,7 @@ def main(argv=None):
         if args.command in ("train", "ablation"):
             {"train": train, "ablation": ablation}[args.command](args.config, args.out, args)
         else:
-            {"evaluate": evaluate, "search": search, "encode": encode_folder,
+            {"evaluate": evaluate, "index": index, "search": search, "encode": encode_folder,
              "export": export}[args.command](args)
     return common.run_main(command)
 

@@ -6,6 +6,9 @@ real data stream and the real save, turned on by environment variables.
   the real compiled step sees a non-finite loss, gradients and batch statistics.
 - TEST_PAUSE_IN_SAVE=EPOCH:SECONDS: the end-of-epoch saves of that epoch pause between
   writing the temporary file and renaming it, so that a test can kill the process there.
+- TEST_PAUSE_IN_INDEX_COMMIT=IMAGES:SECONDS: an indexing (image_index.py) pauses before it
+  commits the progress record that marks IMAGES or more images encoded (their codes are
+  written, the record not yet), so that a test can kill the process there.
 
 In the test process, conftest.py calls `install()`; a child process runs a script through
 
@@ -26,10 +29,14 @@ sys.path.insert(0, ROOT)
 
 NAN_STEPS_ENV = "TEST_NAN_AT_STEPS"
 PAUSE_ENV = "TEST_PAUSE_IN_SAVE"
+INDEX_PAUSE_ENV = "TEST_PAUSE_IN_INDEX_COMMIT"
 
 
 def install():
-    """Wrap `datasets.finish_stream` and `training.checkpoint.commit` (once)."""
+    """Wrap `datasets.finish_stream` and `training.checkpoint.commit` (once), and
+    `image_index.commit_progress` when TEST_PAUSE_IN_INDEX_COMMIT asks for it."""
+    if os.environ.get(INDEX_PAUSE_ENV):
+        install_index_pause()
     import tensorflow as tf
     import datasets
     from training import checkpoint
@@ -60,6 +67,26 @@ def install():
 
     poisoned_finish_stream.fault_hook = True
     datasets.finish_stream, checkpoint.commit = poisoned_finish_stream, pausing_commit
+
+
+def install_index_pause():
+    """Pause in `image_index.commit_progress` as TEST_PAUSE_IN_INDEX_COMMIT says (once)."""
+    import image_index
+
+    if getattr(image_index.commit_progress, "fault_hook", False):
+        return
+    commit_progress = image_index.commit_progress
+    images, seconds = os.environ[INDEX_PAUSE_ENV].split(":")
+
+    def pausing_commit_progress(update_dir, progress):
+        if progress["encoded"] >= int(images):
+            print(f"pausing before committing {progress['encoded']} encoded images",
+                  file=sys.stderr, flush=True)
+            time.sleep(float(seconds))
+        return commit_progress(update_dir, progress)
+
+    pausing_commit_progress.fault_hook = True
+    image_index.commit_progress = pausing_commit_progress
 
 
 if __name__ == "__main__":

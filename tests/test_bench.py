@@ -121,3 +121,28 @@ def test_quick_benchmark_times_the_original_with_both_kernel_settings(tmp_path):
         assert timing["batch"] == 64 and timing["median_step_s"] > 0 and timing["loss_finite"]
     assert "vs_original_default_kernels" not in row  # ours is tiny in --quick: no ratio
     assert "| infomax_cifar10 | 8 (original 64) |" in run.stdout and "n/a (--quick)" in run.stdout
+
+
+@pytest.mark.slow
+def test_search_benchmark_reports_every_number(tmp_path):
+    """bench/search_bench.py at toy sizes: indexing speed against the forward, peak memory
+    of two folder sizes, exact (and, with faiss, approximate) query times; nothing timed is
+    asserted, only that each number is there and the exact search equals brute force."""
+    out = tmp_path / "search.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "search_bench.py"),
+                          "--sizes", "32", "--throughput-images", "64", "--memory-images", "40",
+                          "120", "--codes", "3000", "--tmp", str(tmp_path / "files"),
+                          "--parts", "throughput", "memory", "search", "--blas-threads", "1",
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (speed,) = result["throughput"]
+    assert speed["images"] == 64 and speed["index_images_per_s"] > 0 and speed["ratio"] > 0
+    assert [m["images"] for m in result["memory"]] == [40, 120]
+    assert all(m["peak_rss_mb"] >= m["peak_rss_mb_before_indexing"] > 0 for m in result["memory"])
+    (search,) = result["search"]  # one row per --blas-threads setting
+    assert search["blas_threads"] == "1" and search["codes"] == 3000
+    for metric in ("cosine", "euclidean"):
+        assert search[metric]["equals_brute_force"]
+        assert search[metric]["one_query_ms_median"] > 0
+    assert "python infomax.py index --out" in run.stdout
