@@ -869,13 +869,17 @@ def resolve_run_data(config, args):
     return config
 
 
-def main(argv=None):
+def main(argv=None, script=None):
+    """The command line of this script, or of `script` (glow.py: its parse_args, train_config,
+    train, Config and build_model, with the same commands on a run)."""
+    script = script or sys.modules[__name__]
+
     def command():
-        args = parse_args(argv)
+        args = script.parse_args(argv)
         if args.command == "train":
-            train(train_config(args), args.out)
+            script.train(script.train_config(args), args.out)
             return
-        config, model = load_run(args)
+        config, model = load_run(args, script.Config, script.build_model)
         {"sample": command_sample, "sweep": command_sweep, "reconstruct": command_reconstruct,
          "interpolate": command_interpolate, "evaluate": command_evaluate,
          "encode": command_encode, "export": command_export}[args.command](

@@ -183,16 +183,7 @@ def train_config(args):
 
 
 def main(argv=None):
-    def command():
-        args = parse_args(argv)
-        if args.command == "train":
-            train(train_config(args), args.out)
-            return
-        config, model = f_vaes.load_run(args, Config, build_model)
-        {"sample": f_vaes.command_sample, "sweep": f_vaes.command_sweep,
-         "interpolate": f_vaes.command_interpolate,
-         "evaluate": f_vaes.command_evaluate}[args.command](args, config, model)
-    return common.run_main(command)
+    return f_vaes.main(argv, script=sys.modules[__name__])
 
 
 if __name__ == "__main__":

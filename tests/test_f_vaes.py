@@ -41,8 +41,9 @@ def tiny_flow(shape=(4, 4, 4), level=2, depth=2, width=8, seed=0):
     return flow
 
 
-def tiny_model(seed=0):
-    model = FVAE(seed=seed, **TINY)
+def tiny_model(seed=0, **options):
+    """The tiny f-VAE (or with `options`, e.g. latent_channels) with every part made to act."""
+    model = FVAE(seed=seed, **TINY, **options)
     model(np.zeros((1, 16, 16, 3), "float32"))
     randomise(model.flow.trainable_weights, seed=seed)
     randomise(model.decoder.trainable_weights, 0.02, seed + 1)

@@ -13,20 +13,14 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT
-from test_f_vaes import TINY, TINY_FLAGS, randomise, smooth_images
+from test_f_vaes import TINY, TINY_FLAGS, randomise, smooth_images, tiny_model
 from test_same_weights import write_pictures
 import f_vaes
 from f_vaes import FVAE, MultiScaleFlow
 
 
 def reduced_model(channels, seed=0):
-    model = FVAE(seed=seed, latent_channels=channels, **TINY)
-    model(np.zeros((1, 16, 16, 3), "float32"))
-    randomise(model.flow.trainable_weights, seed=seed)
-    randomise(model.decoder.trainable_weights, 0.02, seed + 1)
-    model.log_precision.assign(0.3)
-    model.log_noise_scale.assign(-0.7)
-    return model
+    return tiny_model(seed, latent_channels=channels)
 
 
 def gaussian_log_density(x, mean, std):
