@@ -2,6 +2,7 @@
 a test that hangs waiting on a child process fails by itself, the run goes on, and the child
 is killed."""
 
+import configparser
 import os
 import subprocess
 import sys
@@ -42,3 +43,11 @@ def test_a_test_hung_on_a_child_process_fails_alone_and_its_child_is_killed(tmp_
     except ProcessLookupError:
         return
     raise AssertionError(f"the hung test's child {pid} is still running")
+
+
+def test_the_default_suite_has_a_time_limit_per_test():
+    """pytest.ini sets it: generous for the slowest test (~40 s), well under CI's 10 minutes."""
+    ini = configparser.ConfigParser()
+    ini.read(os.path.join(ROOT, "pytest.ini"))
+    assert 60 <= int(ini["pytest"]["timeout"]) <= 300
+    assert ini["pytest"]["timeout_method"] == "signal"  # the thread method would end the whole run
