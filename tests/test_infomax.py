@@ -84,14 +84,13 @@ def test_posterior_noise_has_standard_deviation_exp_half_logvar(monkeypatch):
     std = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0], "float32")
     logvar_layer = model.encoder.get_layer("logvar")
     logvar_layer.set_weights([np.zeros_like(logvar_layer.get_weights()[0]), 2 * np.log(std)])
-    seen = {}
+    seen, infomax_loss = {}, infomax.infomax_loss
 
-    def spy(global_d, local_d, z, mu, logvar, *rest, **kwargs):
+    def spy(global_d, local_d, z, mu, logvar, *rest, **kwargs):  # what the step's loss is given
         seen.update(z=np.asarray(z, "float64"), mu=np.asarray(mu, "float64"),
                     logvar=np.asarray(logvar))
         return infomax_loss(global_d, local_d, z, mu, logvar, *rest, **kwargs)
 
-    infomax_loss = infomax.infomax_loss
     monkeypatch.setattr(infomax, "infomax_loss", spy)
     images = np.random.default_rng(1).uniform(-1, 1, (2048, 8, 8, 3)).astype("float32")
     model.infomax_terms(images, training=True)
