@@ -8,5 +8,6 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 import fault_hooks  # noqa: E402  (test-only NaN batches and paused saves, off unless asked)
+from child_processes import no_child_process_outlives_its_test  # noqa: E402, F401 (autouse)
 
 fault_hooks.install()

@@ -1,7 +1,8 @@
 """The throughput benchmark runs end to end (quick mode: tiny models, few steps; no timing
-is asserted, only that every number it reports is there and sensible), and so does its
-timing of the author's original scripts when they are at hand (opt-in: BENCH_ORIGINAL_SRC
-names the folder with them, and the legacy Keras 2 package tf_keras must be installed)."""
+is asserted, only that every number it reports is there and sensible; a `slow` test), and so
+does its timing of the author's original scripts when they are at hand (opt-in:
+BENCH_ORIGINAL_SRC names the folder with them, and the legacy Keras 2 package tf_keras must
+be installed)."""
 
 import importlib.util
 import json
@@ -24,6 +25,7 @@ needs_tf_keras = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None
                                     reason="tf_keras not installed (pip install tf_keras==2.21.0)")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_number(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, BENCH, "--quick",

@@ -159,6 +159,45 @@ def test_run_checkpoint_resumes_with_weights_optimiser_state_and_one_csv_line_pe
     assert common.read_json(os.path.join(run, "state.json"))["epochs_done"] == 3
 
 
+def test_best_weights_are_the_lowest_loss_epochs_also_across_a_resume(tmp_path):
+    """best.weights.h5 holds the weights of the epoch whose logged loss is lowest (found here by
+    brute force in log.csv): not the last epoch, not the highest loss, never a NaN epoch, and
+    a resumed run remembers the best loss so far."""
+    run = str(tmp_path)
+
+    def finish_epochs(checkpoint, model, first, losses):
+        for number, loss in enumerate(losses, start=first):
+            for w in model.trainable_weights:  # weights that say which epoch they are
+                w.assign(np.full(w.shape, number, "float32"))
+            checkpoint.on_epoch_end(number - 1, {"loss": loss})
+
+    def best_epoch_saved():
+        model = tiny_model()
+        model.load_weights(os.path.join(run, "best.weights.h5"))
+        (number,) = {float(v) for w in model.trainable_weights for v in w.numpy().ravel()}
+        return int(number)
+
+    def lowest_loss_epoch():
+        rows = list(csv.DictReader(open(os.path.join(run, "log.csv"))))
+        losses = [float(row["loss"]) for row in rows]
+        return int(rows[int(np.nanargmin(losses))]["epoch"])
+
+    model = tiny_model()
+    checkpoint = training.checkpoint.RunCheckpoint(run)
+    checkpoint.set_model(model)
+    finish_epochs(checkpoint, model, 1, [3.0, 1.0, 2.0, float("nan"), 1.5])
+    assert lowest_loss_epoch() == 2 and best_epoch_saved() == 2
+
+    resumed = tiny_model()
+    checkpoint = training.checkpoint.RunCheckpoint(run)
+    assert checkpoint.restore(resumed) == 5
+    checkpoint.set_model(resumed)
+    finish_epochs(checkpoint, resumed, 6, [1.2])  # lower than the epochs before, not than 1.0
+    assert lowest_loss_epoch() == 2 and best_epoch_saved() == 2
+    finish_epochs(checkpoint, resumed, 7, [0.5, 0.7])
+    assert lowest_loss_epoch() == 7 and best_epoch_saved() == 7
+
+
 def test_resume_cuts_csv_lines_written_after_the_last_saved_epoch(tmp_path):
     x = RNG.randn(16, 3).astype("float32")
     model = tiny_model()

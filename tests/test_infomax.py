@@ -100,6 +100,31 @@ def test_a_zero_loss_weight_removes_that_terms_gradient_from_the_encoder(zeroed)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-8)
     assert max(float(np.abs(g).max()) for g in tape.gradient(terms[zeroed], variables)) > 1e-4
 
+def test_posterior_noise_has_standard_deviation_exp_half_logvar(monkeypatch):
+    """z = mu + exp(logvar/2) * eps, eps ~ N(0, I): with logvar fixed per dimension (the logvar
+    layer set to a bias alone), z - mu has mean 0 and standard deviation exp(logvar/2), not
+    exp(logvar), over a large batch."""
+    model = small_model(seed=6)
+    std = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0], "float32")
+    logvar_layer = model.encoder.get_layer("logvar")
+    logvar_layer.set_weights([np.zeros_like(logvar_layer.get_weights()[0]), 2 * np.log(std)])
+    seen, infomax_loss = {}, infomax.infomax_loss
+
+    def spy(global_d, local_d, z, mu, logvar, *rest, **kwargs):  # what the step's loss is given
+        seen.update(z=np.asarray(z, "float64"), mu=np.asarray(mu, "float64"),
+                    logvar=np.asarray(logvar))
+        return infomax_loss(global_d, local_d, z, mu, logvar, *rest, **kwargs)
+
+    monkeypatch.setattr(infomax, "infomax_loss", spy)
+    images = np.random.default_rng(1).uniform(-1, 1, (2048, 8, 8, 3)).astype("float32")
+    model.infomax_terms(images, training=True)
+    np.testing.assert_allclose(seen["logvar"], np.broadcast_to(2 * np.log(std), (2048, 8)),
+                               rtol=1e-6, atol=1e-6)
+    noise = seen["z"] - seen["mu"]
+    assert np.all(np.abs(noise.mean(axis=0)) < 0.1 * std), noise.mean(axis=0)
+    np.testing.assert_allclose(noise.std(axis=0), std, rtol=0.05)
+    assert abs(np.mean(np.abs(noise / std) < 1) - 0.6827) < 0.02  # Gaussian
+
 
 def test_permutations_are_fresh_permutations_and_rarely_the_identity():
     seed_generator = keras.random.SeedGenerator(3)
@@ -149,6 +174,58 @@ def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
     assert trainable(infomax.feature_extractor(model.encoder).trainable_weights) == encoder
     assert trainable(model.non_trainable_weights) == bn_stats
     assert model.encoder.outputs[2].shape[1:] == (4, 4, 256)
+
+
+def conv3x3_same(x, kernel, bias):
+    """A 3x3 convolution with zero padding 'same', by patches: (n, h, w, c) -> (n, h, w, o)."""
+    n, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = np.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], axis=3)
+    return patches.reshape(n, h, w, 9 * c) @ kernel.reshape(9 * c, -1) + bias
+
+
+def numpy_encoder(encoder, x):
+    """SPEC.md's CIFAR-10 encoder in numpy from the model's weights: 3 x (Conv3x3 -> BatchNorm
+    (inference) -> LeakyReLU(0.2) -> MaxPool 2x2) = C, 2 x (Conv3x3 -> BatchNorm ->
+    LeakyReLU(0.2)), global max pooling, mu = Dense, logvar = Dense."""
+    convs = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Conv2D)]
+    norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [conv.filters for conv in convs] == [64, 128, 256, 256, 256] and len(norms) == 5
+    x = x.astype("float64")
+    for stage, (conv, norm) in enumerate(zip(convs, norms)):
+        x = conv3x3_same(x, *conv.get_weights())
+        gamma, beta, mean, variance = norm.get_weights()
+        x = gamma * (x - mean) / np.sqrt(variance + norm.epsilon) + beta
+        x = np.where(x > 0, x, 0.2 * x)
+        if stage < 3:
+            n, h, w, c = x.shape
+            x = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+        if stage == 2:
+            local_map = x
+    pooled = x.max(axis=(1, 2))
+    mu, logvar = (pooled @ layer.get_weights()[0] + layer.get_weights()[1]
+                  for layer in (encoder.get_layer("mu"), encoder.get_layer("logvar")))
+    return mu, logvar, local_map
+
+
+def test_encoder_is_spec_conv_stages_with_leaky_relu_and_global_max_pooling():
+    """The CIFAR-10 encoder computes what SPEC.md describes (LeakyReLU slope 0.2, max pooling
+    per stage, global max pooling), checked against numpy with every batch-norm weight and
+    statistic moved away from its initial value."""
+    config = infomax.parse_args(["--dataset", "cifar10"]).config
+    encoder = infomax.build_encoder(config.img_size, config.z_dim)
+    rng = np.random.default_rng(2)
+    for layer in encoder.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
+                               rng.normal(0, 0.1, c), rng.uniform(0.5, 2.0, c)])
+    x = rng.uniform(-0.5, 0.5, (2, 32, 32, 3)).astype("float32")
+    got = encoder(x, training=False)
+    for name, value, expected in zip(("mu", "logvar", "C"), got, numpy_encoder(encoder, x)):
+        assert value.shape == expected.shape, name
+        np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-3, atol=1e-4, err_msg=name)
+    assert got[2].shape == (2, 4, 4, 256)
 
 
 # --------------------------------------------------------------------------- data
@@ -303,6 +380,69 @@ def test_knn_accuracy_on_a_toy_case():
     # are class 0 and outvote it when weighted by exp(cosine / temperature)
     result = feature_eval.knn_accuracy(bank, bank_labels, queries, labels, ks=(1, 3), temperature=1.0)
     assert result[1] == pytest.approx(2 / 3) and result[3] == pytest.approx(1.0)
+
+
+def knn_bank(rng, dims=8):
+    """A query (the first axis) and 264 bank vectors of four classes, at given cosines:
+    class 0: 3 vectors at cosine ~0.99 (the few very near ones),
+    class 1: 120 at ~0.7 (the most numerous among the 200 nearest),
+    class 2: 77 at ~0.5 (the farthest of the 200 nearest),
+    class 3: 64 at ~0.4 but 5 times longer (nearest by raw dot product; not among the
+    200 nearest by cosine)."""
+    query = np.eye(dims)[:1]
+    groups = [(0, 3, 0.99, 1.0), (1, 120, 0.7, 1.0), (2, 77, 0.5, 1.0), (3, 64, 0.4, 5.0)]
+    vectors, labels = [], []
+    for label, count, cosine, length in groups:
+        cosines = cosine + rng.uniform(-0.005, 0.005, count)
+        side = rng.normal(size=(count, dims))
+        side[:, 0] = 0
+        side /= np.linalg.norm(side, axis=1, keepdims=True)
+        vectors.append(length * (cosines[:, None] * query + np.sqrt(1 - cosines[:, None] ** 2) * side))
+        labels += [label] * count
+    order = rng.permutation(len(labels))  # the bank's order says nothing
+    return query, np.concatenate(vectors)[order], np.array(labels)[order]
+
+
+def brute_force_vote(query, bank, labels, k, weight, rank_by="cosine"):
+    """The class with the largest sum of weight(similarity) over the k nearest, one by one."""
+    similarities = []
+    for vector in bank:
+        dot = float(np.sum(query[0] * vector))
+        similarities.append(dot if rank_by == "dot" else
+                            dot / np.sqrt(np.sum(query[0] ** 2) * np.sum(vector ** 2)))
+    nearest = sorted(range(len(bank)), key=lambda i: -similarities[i])[:k]
+    votes = {}
+    for i in nearest:
+        votes[labels[i]] = votes.get(labels[i], 0.0) + weight(similarities[i])
+    return max(votes, key=votes.get)
+
+
+def test_knn_votes_of_the_200_nearest_are_weighted_by_exp_cosine_over_0_07():
+    """k = 200 with temperature 0.07 (the defaults): on a bank where a plain majority, reversed
+    weights, the weighted vote and a raw (unnormalised) dot product each pick another class,
+    knn_accuracy picks the weighted vote's class, computed here by brute force."""
+    query, bank, labels = knn_bank(np.random.default_rng(0))
+    temperature = 0.07
+    answers = {
+        "weighted": brute_force_vote(query, bank, labels, 200, lambda c: np.exp(c / temperature)),
+        "majority": brute_force_vote(query, bank, labels, 200, lambda c: 1.0),
+        "reversed": brute_force_vote(query, bank, labels, 200, lambda c: np.exp(-c / temperature)),
+        "dot product": brute_force_vote(query, bank, labels, 200,
+                                        lambda d: np.exp((d - 5) / temperature), rank_by="dot"),
+        "temperature 1": brute_force_vote(query, bank, labels, 200, lambda c: np.exp(c)),
+    }
+    assert answers == {"weighted": 0, "majority": 1, "reversed": 2, "dot product": 3,
+                       "temperature 1": 1}  # the bank tells them apart
+    for label in range(4):
+        result = feature_eval.knn_accuracy(bank, labels, query, np.array([label]))
+        assert set(result) == {1, 200}
+        assert result[200] == (1.0 if label == answers["weighted"] else 0.0), label
+        assert result[1] == (1.0 if label == 0 else 0.0)  # the nearest is class 0
+    # the accuracy is the fraction of queries voted right: two of these four
+    result = feature_eval.knn_accuracy(bank, labels, np.repeat(query, 4, axis=0),
+                                       np.array([0, 1, 0, 3]))
+    assert result[200] == pytest.approx(0.5) and result[1] == pytest.approx(0.5)
+
 
 
 # --------------------------------------------------------------------------- command line
