@@ -257,6 +257,7 @@ class RecordingModel:
     """Stands in for an FVAE in the picture code: records every z given to `generate`."""
 
     img_size = 16
+    latent_dims = 16 * 16 * 3  # d = D: the paper's latent size
 
     def __init__(self):
         self.latents = []
