@@ -544,3 +544,22 @@ def test_bad_paths_exit_with_status_2_and_a_clear_message(tmp_path, capsys):
     assert run_cli("search", "--out", str(tmp_path / "empty"), "--folder", str(tmp_path),
                    "--query", "x.png") == 2
     assert "no trained encoder" in capsys.readouterr().err
+
+
+def test_the_shipped_cifar10_encoder_loads_in_one_call_and_beats_a_random_one():
+    """pretrained/dim-cifar10: the 50-epoch encoder of the README. On the bit-exact CIFAR-10
+    subset (5,085 training images as the bank, 1,017 test queries) its mu gave k-NN k=200
+    44.6 % against 34.1 % for the random encoder (2026-12-01)."""
+    subset = os.path.join(SHARED_DATA, "cifar10-subset")
+    if not os.path.isdir(subset):
+        pytest.skip(f"no CIFAR-10 subset at {subset}")
+    encoder, config = infomax.load_encoder()
+    assert (config.dataset, config.img_size, config.z_dim, config.epochs) == ("cifar10", 32, 256, 50)
+    (train_x, train_y), (test_x, test_y) = datasets.load_cifar10(subset)
+    bank, queries = (infomax.embed(x, encoder, config) for x in (train_x, test_x))
+    assert bank.shape == (5085, 256)
+    trained = feature_eval.knn_accuracy(bank, train_y, queries, test_y)
+    random = infomax.random_encoder(config)
+    baseline = feature_eval.knn_accuracy(infomax.embed(train_x, random, config), train_y,
+                                         infomax.embed(test_x, random, config), test_y)
+    assert trained[200] > 0.42 and trained[200] > baseline[200] + 0.05, (trained, baseline)
