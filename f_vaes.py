@@ -674,14 +674,30 @@ def command_evaluate(args, config, model):
         results = importance_weighted(model, dataset, samples)
     else:
         results = model.evaluate(dataset, return_dict=True, verbose=0)
+    results["reconstruction_rmse"] = reconstruction_rmse(model, files, config.img_size)
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
-          f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image:")
-    for name in model.LOG_NAMES:
-        print(f"  {name:13s} {results[name]:.4f}")
+          f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
+          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255):")
+    for name in (*model.LOG_NAMES, "reconstruction_rmse"):
+        if name in results:
+            print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
-                       **{k: float(v) for k, v in results.items()}})
+                       **{k: None if v is None else float(v) for k, v in results.items()}})
     return results
+
+
+def reconstruction_rmse(model, files, img_size, batch=32):
+    """Root mean squared error of the reconstructions G(E(x)) (the posterior mean through the
+    decoder; None for a model without one, Glow), in pixel values 0..255."""
+    if not hasattr(model, "reconstruct"):
+        return None
+    errors = []
+    for images in datasets.image_dataset(files, img_size, batch, lambda x: x):
+        images = np.round(images.numpy())
+        rebuilt = common.to_uint8(ops.convert_to_numpy(model.reconstruct(scale_pixels(images))))
+        errors.append(((rebuilt.astype(np.float64) - images) ** 2).reshape(len(images), -1).mean(1))
+    return float(np.sqrt(np.mean(np.concatenate(errors))))
 
 
 def iwae_bound(losses):
