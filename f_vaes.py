@@ -679,7 +679,7 @@ def command_evaluate(args, config, model):
           f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
           f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255):")
     for name in (*model.LOG_NAMES, "reconstruction_rmse"):
-        if name in results:
+        if results.get(name) is not None:
             print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
