@@ -130,6 +130,17 @@ def build_model(config, verbose=False):
     return model
 
 
+def benchmark_setup(img_size=64, batch_size=64, quick=False):
+    """For bench/bench.py: the author's Glow at `img_size` (a tiny one with `quick`), compiled
+    as for training, and one batch of random images in [-1, 1]."""
+    config = Config(img_size=img_size, batch_size=batch_size, seed=0)
+    if quick:
+        config = dataclasses.replace(config, depth=2, coupling_width=32, batch_size=4)
+    model = build_model(config)
+    shape = (config.batch_size, img_size, img_size, 3)
+    return model, ops.convert_to_tensor(np.random.RandomState(0).uniform(-1, 1, shape), "float32")
+
+
 # =========================================================================== training
 
 class CollapseRule(keras.callbacks.Callback):

@@ -1,6 +1,6 @@
 """Training throughput against this machine's own float32 peak, in one run.
 
-    python bench/bench.py                      # peak + the four paper configurations
+    python bench/bench.py                      # peak + the five paper configurations
     python bench/bench.py --models fvae64      # one model
     python bench/bench.py --quick              # smoke test: tiny configurations, few steps
     python bench/bench.py --json bench/result.json
@@ -54,6 +54,7 @@ PAPER = {
     "fvae128": ("f_vaes", {"img_size": 128}, 32),
     "infomax_cifar10": ("infomax", {"dataset": "cifar10"}, 64),
     "infomax_tiny": ("infomax", {"dataset": "tiny-imagenet"}, 100),
+    "glow64": ("glow", {"img_size": 64}, 64),  # the f-VAE paper's baseline (issue 12)
 }
 # The original Keras 2 scripts on TF 2.21 (legacy Keras) as issue 5 measured them, on a
 # machine whose float32 matmul peak it gives as 245 GFLOP/s. Without --original-src this is
@@ -203,7 +204,7 @@ def add_original(row, timings, quick):
 
 def add_ratios(row, peak, quick=False, eigen_peak=None):
     row["share_of_peak"] = row["gflops_per_s"] / peak
-    if not quick:
+    if not quick and row["model"] in ORIGINAL_IMAGES_PER_S:  # issue 5 did not time Glow
         row["flops_vs_original"] = row["flops_per_step"] / ORIGINAL_FLOPS_PER_STEP[row["model"]]
         row["speedup_vs_original"] = ((row["images_per_s"] / peak)
                                       / (ORIGINAL_IMAGES_PER_S[row["model"]] / ORIGINAL_PEAK_GFLOPS))
@@ -252,8 +253,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny configurations, 3 steps (CI smoke test)")
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "result.json"))
     parser.add_argument("--original-src", metavar="DIR",
-                        help="also time the author's scripts in this run: DIR holds f-VAEs.py and "
-                             "flow_layers.py (github.com/bojone/flow), infomax_cifar10.py and "
+                        help="also time the author's scripts in this run: DIR holds f-VAEs.py, "
+                             "glow.py and flow_layers.py (github.com/bojone/flow), infomax_cifar10.py and "
                              "infomax_tiny_imagenet.py (github.com/bojone/infomax); needs "
                              "pip install tf_keras==2.21.0")
     parser.add_argument("--original-kernels", nargs="+", choices=ORIGINAL_KERNELS,

@@ -2,7 +2,7 @@
 
     python bench/original.py --src DIR --model infomax_cifar10 [--steps 20 --warmup 3]
 
-DIR holds Jianlin Su's files as published: `f-VAEs.py` and `flow_layers.py` from
+DIR holds Jianlin Su's files as published: `f-VAEs.py`, `glow.py` and `flow_layers.py` from
 github.com/bojone/flow, `infomax_cifar10.py` and `infomax_tiny_imagenet.py` from
 github.com/bojone/infomax. They are read, never written and never copied into this
 repository. They need the legacy Keras 2 package (`pip install tf_keras==2.21.0`, optional,
@@ -13,7 +13,8 @@ What it runs, in this process (bench.py starts one per model and kernel setting,
 1. the script's text with the fixes below applied in memory, each a regular expression that
    must match exactly as often as expected, else an error naming the file (another version
    of it);
-2. cut right after the line that compiles the training model (`vae`, `model_train`): the
+2. cut right after the statement that compiles the training model (`vae`, `model_train`,
+   `encoder`): the
    data set, the model, its losses and its Adam optimizer are the author's; training,
    sampling and saving after that line are not run;
 3. one batch of random data of the right shape and range, held in memory (the script's own
@@ -37,7 +38,10 @@ The fixes (`FIXES`), and why each is needed:
   loading and are gone or optional, so their imports go; CIFAR-10 and Tiny ImageNet are
   replaced by random images of their shape; the f-VAE's crop size, read from the first
   CelebA-HQ image, is CelebA-HQ's 1024x1024.
-- Configuration: `img_dim` selects 64x64 or 128x128 for the f-VAE (the file has 128).
+- Configuration: `img_dim` selects 64x64 or 128x128 for the f-VAE (the file has 128). Glow's
+  2018 versions train at batch 32, its 2019 version (and ours) at 64: all are timed at 64.
+- Glow: its `os.mkdir('samples')` would write into the current folder (-> `pass`); its
+  training targets are the images flattened, as its data generator yields them.
 Every fix keeps the line count, so tracebacks point at the lines of the user's file.
 """
 
@@ -61,13 +65,15 @@ SCRIPTS = {
     "fvae128": ("f-VAEs.py", 128),
     "infomax_cifar10": ("infomax_cifar10.py", None),
     "infomax_tiny": ("infomax_tiny_imagenet.py", None),
+    "glow64": ("glow.py", None),
 }
-REPOSITORY = {"f-VAEs.py": "bojone/flow", FLOW_LAYERS: "bojone/flow",
+REPOSITORY = {"f-VAEs.py": "bojone/flow", FLOW_LAYERS: "bojone/flow", "glow.py": "bojone/flow",
               "infomax_cifar10.py": "bojone/infomax", "infomax_tiny_imagenet.py": "bojone/infomax"}
 # The port's counts (README, tests/test_f_vaes.py, tests/test_infomax.py); the original's must
 # be the same for the comparison to be of the same model.
 TRAINABLE_PARAMS = {"fvae64": 95_830_082, "fvae128": 95_830_082,
-                    "infomax_cifar10": 2_210_818, "infomax_tiny": 2_228_482}
+                    "infomax_cifar10": 2_210_818, "infomax_tiny": 2_228_482,
+                    "glow64": 11_771_232}
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,10 @@ PY3_RANDOM_SHUFFLE = Fix(r"\b(K\.)?tf\.random_shuffle\b", "tf.random.shuffle", 1
                          "tf.random.shuffle in TensorFlow 2")
 PY3_FILTER_COUNT = Fix(r"\bz_dim / 2\*\*", "z_dim // 2**", 1,
                        "Python 3: / gives a float filter count", already=r"\bz_dim // 2\*\*")
+LOGDET_LOSS = Fix(r"\.add_loss\((\w+)\.logdet\)", r".add_loss(lambda \1=\1: \1.logdet)", 1,
+                  "tf_keras: a log-determinant set in call() has no Keras history; a callable "
+                  "reads it after each forward pass (the first versions add none)",
+                  optional=True)
 NO_SCIPY_MISC = Fix(r"^from scipy import misc$", "", 1,
                     "scipy.misc (imread, imresize) is gone from SciPy; it only reads the data set")
 
@@ -104,10 +114,16 @@ def fixes_for(script, img_dim=None):
                 "the 64x64 or 128x128 configuration"),
             Fix(r"(?<=in_size\[1\])/|(?<=in_size\[-1\])/", "//", 2,
                 "Python 3: / gives float channel counts to the coupling networks"),
-            Fix(r"\.add_loss\((\w+)\.logdet\)", r".add_loss(lambda \1=\1: \1.logdet)", 1,
-                "tf_keras: a log-determinant set in call() has no Keras history; a callable "
-                "reads it after each forward pass (the first version, ef74b88, adds none)",
-                optional=True),
+            LOGDET_LOSS,
+        ]
+    if script == "glow.py":
+        return [
+            NO_SCIPY_MISC,
+            Fix(r"^    os\.mkdir\('samples'\)$", "    pass", 1,
+                "no samples/ folder written into the current folder"),
+            Fix(r"^(def data_generator\(batch_size=)32\):$", r"\g<1>64):", 1,
+                "the 2018 versions' batch of 32 -> the 2019 version's 64", optional=True),
+            LOGDET_LOSS,
         ]
     if script == "infomax_cifar10.py":
         return [
@@ -173,11 +189,11 @@ def prepare(src_dir, name):
     """Reads, fixes and cuts the script of bench model `name`; raises SourceError."""
     script, img_dim = SCRIPTS[name]
     flow_layers, fixes = None, []
-    if script == "f-VAEs.py":
+    path, text = read_source(src_dir, script)
+    if re.search(r"^from flow_layers import", text, flags=re.MULTILINE):
         fl_path, fl_text = read_source(src_dir, FLOW_LAYERS)
         fl_text, fixes = apply_fixes(fl_text, fixes_for(FLOW_LAYERS), fl_path)
         flow_layers = (fl_path, fl_text)
-    path, text = read_source(src_dir, script)
     text, applied = apply_fixes(text, fixes_for(script, img_dim), path)
     batch_sizes = re.findall(r"\bbatch_size=(\d+)", text)
     compiles = list(re.finditer(r"^(\w+)\.compile\(.*$", text, flags=re.MULTILINE))
@@ -185,8 +201,20 @@ def prepare(src_dir, name):
         raise SourceError(f"--original-src: {path} is not the version this bench knows: "
                           f"{len(batch_sizes)} batch_size= and {len(compiles)} .compile( "
                           f"lines, expected one of each")
-    return Prepared(path, text[:compiles[0].end()] + "\n", compiles[0].group(1),
+    end = statement_end(text, compiles[0].start() + len(compiles[0].group(1)) + len(".compile"))
+    return Prepared(path, text[:end] + "\n", compiles[0].group(1),
                     int(batch_sizes[0]), flow_layers, fixes + applied)
+
+
+def statement_end(text, open_paren):
+    """The index after the parenthesis that closes the one at `open_paren` (a call that may
+    span lines, as Glow's `encoder.compile(` does)."""
+    depth = 0
+    for i in range(open_paren, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise SourceError("--original-src: unbalanced parentheses after .compile(")
 
 
 def check_tf_keras():
@@ -252,16 +280,18 @@ def build(prepared, seed=0):
     model = namespace[prepared.model_variable]
     if "x_train" in namespace:  # infomax: the script's own preprocessing of the random images
         data = np.ascontiguousarray(namespace["x_train"][:batch])
-    else:  # f-VAE: its imread gives float32 in [-1, 1]
+    else:  # f-VAE, Glow: their imread gives float32 in [-1, 1]
         shape = (batch,) + tuple(model.inputs[0].shape[1:])
         data = np.random.uniform(-1, 1, shape).astype("float32")
-    return model, data
+    if os.path.basename(prepared.path) == "glow.py":  # its generator yields (X, X flattened)
+        return model, (data, data.reshape(batch, -1))
+    return model, (data,)
 
 
 def time_train_function(model, data, steps, warmup):
     """Seconds of each timed call of the compiled train_function (what fit runs per step)."""
     import tensorflow as tf
-    batches = iter(tf.data.Dataset.from_tensors((tf.constant(data),)).repeat())
+    batches = iter(tf.data.Dataset.from_tensors(tuple(tf.constant(d) for d in data)).repeat())
     train_function = model.make_train_function()
     times, loss = [], float("nan")
     for step in range(warmup + steps):
@@ -286,12 +316,12 @@ def run(src_dir, name, steps, warmup):
     times, loss = time_train_function(model, data, steps, warmup)
     median = statistics.median(times)
     return {
-        "model": name, "script": os.path.basename(prepared.path), "batch": int(data.shape[0]),
+        "model": name, "script": os.path.basename(prepared.path), "batch": len(data[0]),
         "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "onednn_on": bool(_pywrap_util_port.IsMklEnabled()),
         "tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
         "steps_timed": steps, "warmup": warmup, "build_s": build_s,
-        "median_step_s": median, "min_step_s": min(times), "images_per_s": data.shape[0] / median,
+        "median_step_s": median, "min_step_s": min(times), "images_per_s": len(data[0]) / median,
         "trainable_params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "loss_finite": bool(np.isfinite(loss)), "fixes": prepared.fixes,

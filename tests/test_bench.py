@@ -20,7 +20,7 @@ import original  # noqa: E402  (bench/original.py imports neither TensorFlow nor
 ORIGINAL_SRC = os.environ.get("BENCH_ORIGINAL_SRC")
 needs_original_src = pytest.mark.skipif(
     not ORIGINAL_SRC, reason="set BENCH_ORIGINAL_SRC to a folder with the author's f-VAEs.py, "
-                             "flow_layers.py, infomax_cifar10.py, infomax_tiny_imagenet.py")
+                             "glow.py, flow_layers.py, infomax_cifar10.py, infomax_tiny_imagenet.py")
 needs_tf_keras = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None,
                                     reason="tf_keras not installed (pip install tf_keras==2.21.0)")
 
@@ -65,9 +65,27 @@ def test_bad_original_src_is_a_one_line_error_before_any_measurement(tmp_path, f
 @pytest.mark.parametrize("name", sorted(original.SCRIPTS))
 def test_every_fix_matches_the_authors_files(name):
     prepared = original.prepare(ORIGINAL_SRC, name)
-    assert prepared.model_variable in ("vae", "model_train")
-    assert prepared.source.rstrip().endswith(".compile(optimizer=Adam(1e-4))" if name.startswith("fvae")
-                                             else ".compile(optimizer=Adam(1e-3))")
+    assert prepared.model_variable in ("vae", "model_train", "encoder")
+    assert prepared.source.rstrip().endswith(
+        "optimizer=Adam(1e-4))" if name.startswith(("fvae", "glow")) else ".compile(optimizer=Adam(1e-3))")
+    compile(prepared.source, prepared.path, "exec")
+
+
+def test_a_compile_call_over_several_lines_is_cut_after_its_closing_parenthesis(tmp_path):
+    """Glow's script compiles its model over two lines, a loss lambda holding parentheses first:
+    the cut keeps the whole statement and nothing after it."""
+    (tmp_path / "flow_layers.py").write_text("idxs = range(shape[0])\nidxs = range(shape[0])\n")
+    (tmp_path / "glow.py").write_text(
+        "from flow_layers import *\nfrom scipy import misc\nif True:\n    os.mkdir('samples')\n"
+        "def data_generator(batch_size=32):\n    pass\n"
+        "encoder.compile(loss=lambda y_true,y_pred: 0.5 * K.sum(y_pred**2, 1) + (1),\n"
+        "                optimizer=Adam(1e-4))\n"
+        "encoder.fit_generator(data_generator())\n")
+    prepared = original.prepare(str(tmp_path), "glow64")
+    assert prepared.model_variable == "encoder" and prepared.batch_size == 64
+    assert prepared.source.endswith("optimizer=Adam(1e-4))\n") and "fit_generator" not in prepared.source
+    assert "os.mkdir" not in prepared.source and "scipy" not in prepared.source
+    assert prepared.flow_layers and "list(range(shape[0]))" in prepared.flow_layers[1]
 
 
 ORIGINAL_VERSIONS = os.environ.get("BENCH_ORIGINAL_VERSIONS")
@@ -82,7 +100,7 @@ def published_versions():
     found = []
     for name, (script, _) in sorted(original.SCRIPTS.items()):
         for version in sorted(os.listdir(os.path.join(ORIGINAL_VERSIONS, script))):
-            layers = ([None] if script != "f-VAEs.py"
+            layers = ([None] if script not in ("f-VAEs.py", "glow.py")
                       else sorted(os.listdir(os.path.join(ORIGINAL_VERSIONS, original.FLOW_LAYERS))))
             found += [(name, script, version, layer) for layer in layers]
     return found
