@@ -86,13 +86,17 @@ class Config(RunSettings):
     global_weight: float = option(0.5, "weight of the global mutual-information term")
     local_weight: float = option(1.5, "weight of the local mutual-information term")
     prior_weight: float = option(0.01, "weight of the KL prior term")
+    local_size: int = option(LOCAL_MAP_SIZE, "side of the feature map the local term pairs z "
+                             "with: 4, the author's (after the last pooling, 4x4x256), or an "
+                             "earlier stage's (8: 8x8x128 at 32 px)")
     seed: int = option(0, "seed of the initial weights, the noise and the data order")
     monitor_knn: int = option(5000, "after every epoch, log the k-NN accuracy of mu with N "
                               "training images as the memory bank and N/5 test queries (0: off)",
                               metavar="N")
     pixel_range: tuple = None    # the model's pixel range, from the dataset (SPEC.md)
 
-    MODEL_KEYS = ("dataset", "img_size", "z_dim")  # a resumed run must keep these
+    MODEL_KEYS = ("dataset", "img_size", "z_dim", "local_size")  # a resumed run keeps these
+    ADDED_KEYS = ("local_size",)  # absent from runs saved before it existed (they have 4)
 
     @property
     def loss_weights(self):
@@ -117,6 +121,11 @@ def resolve(config):
     if config.img_size < 2 * LOCAL_MAP_SIZE or config.img_size & (config.img_size - 1):
         raise UsageError(f"--img-size {config.img_size}: must be a power of two >= "
                          f"{2 * LOCAL_MAP_SIZE}")
+    sizes = [config.img_size >> i for i in range(1, len(stage_channels(config.img_size)) + 1)]
+    if config.local_size not in sizes:
+        raise UsageError(f"--local-size {config.local_size}: must be one of the encoder's "
+                         f"feature-map sides at {config.img_size} px, "
+                         f"{', '.join(map(str, sorted(sizes)))}")
     return config
 
 
@@ -167,14 +176,16 @@ def conv_bn_lrelu(x, channels, sync_bn=False):
     return keras.layers.LeakyReLU(negative_slope=0.2)(x)
 
 
-def build_encoder(img_size, z_dim, sync_bn=False):
+def build_encoder(img_size, z_dim, sync_bn=False, local_size=LOCAL_MAP_SIZE):
     """x -> (mu, logvar, local feature map C of 4x4x256). The feature extractor is x -> mu.
-    `sync_bn`: batch statistics over all replicas' images."""
+    `sync_bn`: batch statistics over all replicas' images. `local_size`: C is the map after the
+    pooling that brings it to this side (4, the author's: the last one)."""
     images = keras.Input((img_size, img_size, 3), name="images")
     x = images
     for channels in stage_channels(img_size):
         x = keras.layers.MaxPooling2D(2)(conv_bn_lrelu(x, channels, sync_bn))
-    local_map = x
+        if x.shape[1] == local_size:
+            local_map = x
     for _ in range(2):
         x = conv_bn_lrelu(x, LOCAL_CHANNELS, sync_bn)
     x = keras.layers.GlobalMaxPooling2D()(x)
@@ -284,12 +295,13 @@ class InfoMax(keras.Model):
                "global_acc_pos", "global_acc_neg", "local_acc_pos", "local_acc_neg")
 
     def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None,
-                 sync_bn=False, negative_groups=1, **kwargs):
+                 sync_bn=False, negative_groups=1, local_size=LOCAL_MAP_SIZE, **kwargs):
         super().__init__(**kwargs)
-        self.encoder = build_encoder(img_size, z_dim, sync_bn)
+        self.encoder = build_encoder(img_size, z_dim, sync_bn, local_size)
         self.global_discriminator = build_discriminator((2 * z_dim,), "global_discriminator")
-        self.local_discriminator = build_discriminator(
-            (LOCAL_MAP_SIZE, LOCAL_MAP_SIZE, z_dim + LOCAL_CHANNELS), "local_discriminator")
+        side, _, channels = self.encoder.outputs[2].shape[1:]
+        self.local_discriminator = build_discriminator((side, side, z_dim + channels),
+                                                       "local_discriminator")
         self.loss_weights_ = tuple(loss_weights)
         self.negative_groups = negative_groups  # negatives within blocks of each replica's part
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -339,7 +351,7 @@ def build_model(config):
     """The InfoMax model of `config`, compiled and built (weights, optimiser slots)."""
     keras.utils.set_random_seed(config.seed)  # the same seed gives the same initial weights
     model = InfoMax(config.img_size, config.z_dim, config.loss_weights, seed=config.seed,
-                    sync_bn=config.sync_bn)
+                    sync_bn=config.sync_bn, local_size=config.local_size)
     model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
     model.build((None, config.img_size, config.img_size, 3))
     model.optimizer.build(model.trainable_variables)  # so that a resume can load its state
@@ -440,7 +452,9 @@ def evaluate_encoder(run_dir, encoder, config, training_set, test_set, evaluatio
         probe_epochs=evaluation.probe_epochs, seed=config.seed, limit=evaluation.eval_limit,
         baseline=random_encoder(config) if evaluation.baseline else None,
         about={"features": {"mu": f"the global code mu ({config.z_dim})",
-                            "local": "the local feature map C flattened (4x4x256 = 4096)"},
+                            "local": "the local feature map C flattened ({} = {})".format(
+                                "x".join(map(str, encoder.outputs[2].shape[1:])),
+                                int(np.prod(encoder.outputs[2].shape[1:])))},
                "paper": PAPER.get(config.dataset)})
 
 
@@ -549,7 +563,7 @@ def load_encoder(folder=PRETRAINED):
         raise UsageError(f"--out {folder!r}: no trained encoder there (expected config.json and "
                          "encoder.weights.h5 from a training run)")
     config, weights = load_run_config(folder, "encoder")
-    encoder = build_encoder(config.img_size, config.z_dim)
+    encoder = build_encoder(config.img_size, config.z_dim, local_size=config.local_size)
     encoder.load_weights(weights)
     return encoder, config
 

@@ -176,6 +176,30 @@ def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
     assert model.encoder.outputs[2].shape[1:] == (4, 4, 256)
 
 
+def test_local_size_8_pairs_z_with_the_8x8_map_of_the_stage_before_the_last_pooling():
+    """--local-size 8 (a named option, not the default): C is the 8x8x128 map after the second
+    pooling, the local discriminator takes z next to each of its 64 positions, and only that
+    discriminator's first layer changes size (128 fewer input channels)."""
+    config = infomax.parse_args(["--dataset", "cifar10", "--no-jit", "--local-size", "8"]).config
+    model = infomax.build_model(config)
+    assert model.encoder.outputs[2].shape[1:] == (8, 8, 128)
+    assert model.local_discriminator.input_shape[1:] == (8, 8, 256 + 128)
+    assert trainable(model.trainable_weights) == 2_210_818 - 128 * 256
+    stages = [layer.output for layer in model.encoder.layers
+              if isinstance(layer, keras.layers.MaxPooling2D)]
+    assert model.encoder.outputs[2] is stages[1]  # the second of three poolings, not the last
+    terms = model.infomax_terms(np.zeros((4, 32, 32, 3), "float32"), training=True)
+    assert np.isfinite(float(terms["local"]))
+
+
+@pytest.mark.parametrize("value", ["2", "6", "32"])
+def test_a_local_size_the_encoder_does_not_have_is_a_one_line_error(value, capsys):
+    assert run_cli("--dataset", "cifar10", "--local-size", value) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --local-size {value}: must be one of the encoder's feature-map sides " \
+                  "at 32 px, 4, 8, 16"
+
+
 def conv3x3_same(x, kernel, bias):
     """A 3x3 convolution with zero padding 'same', by patches: (n, h, w, c) -> (n, h, w, o)."""
     n, h, w, c = x.shape

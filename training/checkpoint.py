@@ -35,20 +35,21 @@ def config_differences(saved, config, keys):
             for k in keys if saved.get(k) != config.get(k)]
 
 
-def check_run_config(run_dir, config, must_match):
+def check_run_config(run_dir, config, must_match, added=()):
     """Save the run's configuration beside its weights, or check a resumed run against it,
     before anything is written: against config.json, or, if that is gone, against the model
     configuration stored inside the run's weights files. A damaged or hand-edited config.json
     or state.json is a UsageError naming the file and the key, and stays as it is.
 
-    `must_match` lists the keys that change the model (a resumed run must use the same).
+    `must_match` lists the keys that change the model (a resumed run must use the same);
+    those in `added` may be absent from runs saved before they existed.
     Returns what the previous command saved in config.json ({} if none).
     """
     path = os.path.join(run_dir, "config.json")
     source, saved = path, {}
     if os.path.exists(path):  # a damaged or hand-edited one is an error, never overwritten
         kinds = {k: (type(v), True) for k, v in config.items() if v is not None}
-        saved = read_run_json(path, kinds, required=must_match)
+        saved = read_run_json(path, kinds, required=[k for k in must_match if k not in added])
     else:
         source, saved = saved_model_config(run_dir)
     if os.path.exists(os.path.join(run_dir, "state.json")):

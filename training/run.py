@@ -157,7 +157,8 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
     try:
         check_global_batch(config.batch_size, strategy, per_replica_minimum)
         data = load_data() if load_data else None
-        before = check_run_config(run_dir, dataclasses.asdict(config), must_match=model_keys)
+        before = check_run_config(run_dir, dataclasses.asdict(config), must_match=model_keys,
+                                  added=getattr(config, "ADDED_KEYS", ()))
     except BaseException:
         if lock is not None:
             lock.release()
