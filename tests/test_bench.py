@@ -29,12 +29,12 @@ needs_tf_keras = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None
 def test_quick_benchmark_reports_every_number(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, BENCH, "--quick",
-                          "--models", "fvae64", "infomax_cifar10", "--json", str(out)],
+                          "--models", "fvae64", "infomax_cifar10", "glow64", "--json", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["peak_gflops_start"] > 0
-    assert [r["model"] for r in result["rows"]] == ["fvae64", "infomax_cifar10"]
+    assert [r["model"] for r in result["rows"]] == ["fvae64", "infomax_cifar10", "glow64"]
     for row in result["rows"]:
         assert row["flops_per_step"] > 1e8 and row["median_step_s"] > 0 and row["loss_finite"]
         assert row["min_step_s"] <= row["median_step_s"] and row["peak_rss_gb"] > 0.1
