@@ -159,7 +159,7 @@ def write_outputs(out, results, preset):
                                    script.Config, script.build_model)
         pictures = [f_vaes.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
         grid = common.image_grid(np.concatenate(pictures), 2, 8)
-        label = f"{name}: T = 0.8 (top), 1.0 (bottom), the same noise for every model"
+        label = f"{name}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for every model
         blocks.append(np.concatenate([label_strip(grid.shape[1], 24, [(label, 0)]), grid]))
     if blocks:
         common.write_png(os.path.join(out, "samples.png"), np.concatenate(blocks))
