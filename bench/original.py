@@ -190,7 +190,7 @@ def prepare(src_dir, name):
     script, img_dim = SCRIPTS[name]
     flow_layers, fixes = None, []
     path, text = read_source(src_dir, script)
-    if re.search(r"^from flow_layers import", text, flags=re.MULTILINE):
+    if re.search(r"^(from flow_layers import|import flow_layers\b)", text, flags=re.MULTILINE):
         fl_path, fl_text = read_source(src_dir, FLOW_LAYERS)
         fl_text, fixes = apply_fixes(fl_text, fixes_for(FLOW_LAYERS), fl_path)
         flow_layers = (fl_path, fl_text)

@@ -66,6 +66,7 @@ def test_bad_original_src_is_a_one_line_error_before_any_measurement(tmp_path, f
 def test_every_fix_matches_the_authors_files(name):
     prepared = original.prepare(ORIGINAL_SRC, name)
     assert prepared.model_variable in ("vae", "model_train", "encoder")
+    assert bool(prepared.flow_layers) == name.startswith(("fvae", "glow"))  # their layers file
     assert prepared.source.rstrip().endswith(
         "optimizer=Adam(1e-4))" if name.startswith(("fvae", "glow")) else ".compile(optimizer=Adam(1e-3))")
     compile(prepared.source, prepared.path, "exec")
