@@ -30,10 +30,13 @@ class SameConv2D(keras.layers.Conv2D):
     `kernel[p - i + k//2]`; on a 1x1 map K_big is the centre tap. TensorFlow's CPU
     convolution is slow on such maps (forward and backward 4-15x slower than the matmul),
     and in f-VAEs the last flow levels and their factor-outs run on 2x2 and 1x1 maps.
-    Larger maps use the ordinary convolution, except with a 1x1 kernel, which is always a
-    matmul on the channel axis (15-30% faster forward and backward than TensorFlow's CPU
-    convolution).
+    Larger maps use the ordinary convolution. A 1x1 kernel is a matmul on the channel axis
+    up to 4x4 maps (where it is as fast as the convolution or faster) and the convolution
+    above (oneDNN's 1x1 convolution is about 8 % faster forward and backward on 8x8 to 32x32
+    maps of 512 channels, the Glow baseline's largest layers; measured 2026-12-01).
     """
+
+    MATMUL_MAX_PIXELS = 16  # 1x1 kernels: a matmul on maps of at most this many pixels
 
     def __init__(self, filters, kernel_size=3, **kwargs):
         kwargs.setdefault("padding", "same")
@@ -48,8 +51,8 @@ class SameConv2D(keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         h, w = inputs.shape[1:3]
         kh, kw = self.kernel_size
-        if kh == kw == 1:  # a 1x1 convolution is a matmul on the channel axis, at any size
-            return ops.matmul(inputs, kernel[0, 0])
+        if kh == kw == 1 and h is not None and w is not None and h * w <= self.MATMUL_MAX_PIXELS:
+            return ops.matmul(inputs, kernel[0, 0])  # a 1x1 convolution on a small map
         if h is None or w is None or h > (kh + 1) // 2 or w > (kw + 1) // 2:
             return super().convolution_op(inputs, kernel)
         c_in, c_out = kernel.shape[2], kernel.shape[3]
