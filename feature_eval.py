@@ -95,14 +95,16 @@ def probe_accuracy(train_features, train_labels, test_features, test_labels, hid
 
 
 def feature_quality(train_features, train_labels, test_features, test_labels, probe_epochs=10,
-                    seed=0, label=""):
-    """k-NN (k = 1, k = 200 weighted) and probe (linear, MLP-200) accuracies, mu and local map."""
+                    seed=0, label="", features=("mu", "local"), mlp=True):
+    """k-NN (k = 1, k = 200 weighted) and probe (linear, and MLP-200 unless `mlp` is False)
+    accuracies of each of `features` (default: mu and the local map)."""
+    probes = (("linear_probe", 0), ("mlp_probe", 200))[:2 if mlp else 1]
     result = {}
-    for name in ("mu", "local"):
+    for name in features:
         start = time.time()
         knn = knn_accuracy(train_features[name], train_labels, test_features[name], test_labels)
         scores = {"knn_k1": knn[1], "knn_k200_weighted": knn[200]}
-        for probe, hidden in (("linear_probe", 0), ("mlp_probe", 200)):
+        for probe, hidden in probes:
             scores[probe] = probe_accuracy(train_features[name], train_labels, test_features[name],
                                            test_labels, hidden=hidden, epochs=probe_epochs, seed=seed)
         print(f"  {label}{name}: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())

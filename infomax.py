@@ -181,11 +181,13 @@ def build_encoder(img_size, z_dim, sync_bn=False, local_size=LOCAL_MAP_SIZE):
     `sync_bn`: batch statistics over all replicas' images. `local_size`: C is the map after the
     pooling that brings it to this side (4, the author's: the last one)."""
     images = keras.Input((img_size, img_size, 3), name="images")
-    x = images
+    x, local_map = images, None
     for channels in stage_channels(img_size):
         x = keras.layers.MaxPooling2D(2)(conv_bn_lrelu(x, channels, sync_bn))
         if x.shape[1] == local_size:
             local_map = x
+    if local_map is None:
+        raise ValueError(f"no {local_size}x{local_size} feature map at {img_size} px")
     for _ in range(2):
         x = conv_bn_lrelu(x, LOCAL_CHANNELS, sync_bn)
     x = keras.layers.GlobalMaxPooling2D()(x)

@@ -33,16 +33,6 @@ def features(encoder, images, scale):
     return result
 
 
-def quality(bank, bank_labels, queries, query_labels):
-    result = {}
-    for name in ("mu", "pooled", "local"):
-        knn = feature_eval.knn_accuracy(bank[name], bank_labels, queries[name], query_labels)
-        linear = feature_eval.probe_accuracy(bank[name], bank_labels, queries[name], query_labels,
-                                             hidden=0, epochs=10)
-        result[name] = [round(100 * knn[1], 1), round(100 * knn[200], 1), round(100 * linear, 1)]
-    return result
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,9 +59,12 @@ def main():
         encoder = model.encoder
     result = {"name": args.name, "epochs": args.epochs, "overrides": overrides,
               "train_s": round(time.time() - start),
-              f"(k-NN k=1, k=200, linear probe) on {BANK}/{QUERIES}": quality(
-                  features(encoder, train_images[:BANK], scale), train_labels[:BANK],
-                  features(encoder, test_images[:QUERIES], scale), test_labels[:QUERIES])}
+              f"(k-NN k=1, k=200, linear probe) on {BANK}/{QUERIES}": {
+                  name: [round(100 * score, 1) for score in scores.values()]
+                  for name, scores in feature_eval.feature_quality(
+                      features(encoder, train_images[:BANK], scale), train_labels[:BANK],
+                      features(encoder, test_images[:QUERIES], scale), test_labels[:QUERIES],
+                      features=("mu", "pooled", "local"), mlp=False).items()}}
     print(json.dumps(result), flush=True)
     with open(args.results, "a") as f:
         f.write(json.dumps(result) + "\n")
