@@ -32,6 +32,8 @@ import tf_setup  # first: TensorFlow's environment (oneDNN), imported without st
 import numpy as np
 
 import common
+import pictures
+import cli
 import f_vaes
 import glow
 from feature_eval import label_strip
@@ -107,7 +109,7 @@ def compare(args):
 
 
 def trainable_parameters(script, run_dir):
-    config = common.config_from_json(script.Config, common.read_json(
+    config = cli.config_from_json(script.Config, common.read_json(
         os.path.join(run_dir, "config.json")))
     config.jit_compile = False
     return f_vaes.count(script.build_model(config).trainable_weights)
@@ -157,18 +159,18 @@ def write_outputs(out, results, preset):
             continue
         _, model = f_vaes.load_run(argparse.Namespace(out=run_dir, weights="latest"),
                                    script.Config, script.build_model)
-        pictures = [f_vaes.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
-        grid = common.image_grid(np.concatenate(pictures), 2, 8)
+        samples = [f_vaes.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
+        grid = pictures.image_grid(np.concatenate(samples), 2, 8)
         label = f"{name}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for every model
         blocks.append(np.concatenate([label_strip(grid.shape[1], 24, [(label, 0)]), grid]))
     if blocks:
-        common.write_png(os.path.join(out, "samples.png"), np.concatenate(blocks))
+        pictures.write_png(os.path.join(out, "samples.png"), np.concatenate(blocks))
         monitor.log_picture(out, "samples", np.concatenate(blocks), len(epochs))
 
 
 def parse_args(argv=None):
-    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=common.DefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=cli.DefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
                         help="reduced: 32x32, runs here in a few hours; paper: the paper's "
                              "sizes (a GPU); tiny: a smoke test")
@@ -181,7 +183,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
     args.data_dir = args.data_dir or os.path.relpath(f_vaes.DEFAULT_DATA[64])
-    common.check_at_least(args, 1, "holdout")
+    cli.check_at_least(args, 1, "holdout")
     if not os.path.isdir(args.data_dir):
         raise common.UsageError(f"--data-dir {args.data_dir!r}: no such folder (a folder of "
                                 "PNG/JPEG faces)")

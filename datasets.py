@@ -15,8 +15,9 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import common
-from common import UsageError, load_image
+import image_files
+from common import UsageError
+from image_files import load_image
 from training.distribute import shard_by_data
 
 
@@ -262,7 +263,7 @@ def load_tiny_imagenet(data_dir, img_size=64):
 
 def _decode_readable(files, labels, img_size):
     """Decode the files that decode; unreadable ones are named on stderr and left out."""
-    keep = set(common.find_readable_images(files, img_size)[0])
+    keep = set(image_files.find_readable_images(files, img_size)[0])
     kept = [(f, y) for f, y in zip(files, labels) if f in keep]
     return decode_images([f for f, _ in kept], img_size, [y for _, y in kept])
 
@@ -278,7 +279,7 @@ def folder_classes(files, root):
 
 def load_folder(data_dir, img_size, seed=0):
     """Any folder of images; a seeded 10% is held out as the test split (queries, metrics)."""
-    files = common.scan_image_folder(data_dir, img_size)
+    files = image_files.scan_image_folder(data_dir, img_size)
     labels, _ = folder_classes(files, data_dir)
     order = np.random.default_rng(seed).permutation(len(files))
     n_test = int(round(len(files) * 0.1)) if len(files) >= 10 else 0

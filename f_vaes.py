@@ -41,8 +41,12 @@ import keras
 from keras import ops
 
 import common
+import pictures
+import image_files
+import cli
 import datasets
-from common import UsageError, option
+from common import UsageError
+from cli import option
 from layers import (ActNorm, CondActNorm, CoupleWrapper, FlowLayer, Permute, Reshape,
                     SplitChannels, Squeeze, UnSqueeze)
 from speedups import BatchNormalization, FusedAdam, SameConv2D
@@ -99,10 +103,10 @@ class Config(FaceRunSettings):
 
 def check_config(c):
     """Every bad value is a one-line UsageError naming its flag, before anything is built."""
-    common.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
+    cli.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
                           "coupling_width")
-    common.check_at_least(c, 0, "res_steps", "nan_patience")
-    common.check_positive(c, "lr")
+    cli.check_at_least(c, 0, "res_steps", "nan_patience")
+    cli.check_positive(c, "lr")
     if c.latent_channels < 2 or c.latent_channels % 2:
         raise UsageError(f"--latent-channels {c.latent_channels}: must be an even number >= 2 "
                          "(the flow splits the channels in half at every level), e.g. 192, 96, "
@@ -436,7 +440,7 @@ class FVAE(guards.GuardedModel):
 
     def sample(self, n, temperature=1.0, seed=0):
         """n images G(F^-1(z)), z ~ N(0, T^2 I) from numpy's seed, as uint8."""
-        return common.to_uint8(sample_images(self, n, temperature, seed))
+        return pictures.to_uint8(sample_images(self, n, temperature, seed))
 
     def encode(self, images, batch=32):
         """z = F(E(x)) of uint8 images (the posterior mean's flow latent), (N, d)."""
@@ -447,7 +451,7 @@ class FVAE(guards.GuardedModel):
     def decode(self, z, batch=32):
         """Images G(F^-1(z)) of flow latents z, as uint8."""
         z = np.asarray(z, np.float32)
-        return common.to_uint8(np.concatenate([ops.convert_to_numpy(self.generate(z[i:i + batch]))
+        return pictures.to_uint8(np.concatenate([ops.convert_to_numpy(self.generate(z[i:i + batch]))
                                                for i in range(0, len(z), batch)]))
 
     def bits_per_dim(self, images, seed=0, batch=32):
@@ -523,10 +527,10 @@ class SampleGrids(keras.callbacks.Callback):
         kept = f"epoch {epoch + 1} is saved (`sample` draws its grids)"  # the checkpoint came first
         for t in self.temperatures:
             images = sample_images(self.model, self.ROWS * self.COLS, t, self.seed)
-            grid = common.image_grid(images, self.ROWS, self.COLS)
-            common.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
+            grid = pictures.image_grid(images, self.ROWS, self.COLS)
+            pictures.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
                              grid, kept)
-            common.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid, kept)
+            pictures.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid, kept)
             monitor.log_picture(self.run_dir, f"samples_T{t}", grid, epoch + 1)
 
 
@@ -543,9 +547,9 @@ def train(config, out, build=None, model_keys=Config.MODEL_KEYS, monitors=(),
     its model the same way: its `build`, `model_keys`, `monitors` and sample temperatures."""
     build = build or build_model
     with prepare_run(config, out, model_keys) as run:
-        files = common.list_image_files(config.data_dir)
+        files = image_files.list_image_files(config.data_dir)
         train_files, held_out = split_files(files, config.holdout)
-        train_files, _ = common.find_readable_images(train_files, config.img_size)
+        train_files, _ = image_files.find_readable_images(train_files, config.img_size)
         if not train_files:
             raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the "
                              "training files")
@@ -577,7 +581,7 @@ def load_run(args, config_class=None, build=None):
     if not args.out or not os.path.exists(path):
         raise UsageError(f"--out {args.out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
-    config = common.read_run_config(path, config_class)
+    config = cli.read_run_config(path, config_class)
     config.jit_compile = False
     config.data_dir = getattr(args, "data_dir", None) or config.data_dir
     weights = os.path.join(args.out, f"{args.weights}.weights.h5")
@@ -594,20 +598,20 @@ def load_run(args, config_class=None, build=None):
 
 def real_images(config, n, seed):
     """n real images in [-1, 1]: held-out files if any (else training files), seeded choice."""
-    files = common.list_image_files(config.data_dir)
+    files = image_files.list_image_files(config.data_dir)
     train_files, held_out = split_files(files, config.holdout)
-    pool, _ = common.find_readable_images(held_out or train_files, config.img_size, verbose=False)
+    pool, _ = image_files.find_readable_images(held_out or train_files, config.img_size, verbose=False)
     if not pool:
         raise UsageError(f"--data-dir {config.data_dir!r}: no readable image to use")
     picks = np.random.RandomState(seed).choice(len(pool), n, replace=len(pool) < n)
-    return np.stack([scale_pixels(common.load_image(pool[i], config.img_size)).numpy()
+    return np.stack([scale_pixels(image_files.load_image(pool[i], config.img_size)).numpy()
                      for i in picks])
 
 
 def command_sample(args, config, model):
     for t in args.temperatures:
         images = sample_images(model, args.rows * args.cols, t, args.seed)
-        print(common.save_grid(os.path.join(args.out, f"sample_T{t}.png"), images,
+        print(pictures.save_grid(os.path.join(args.out, f"sample_T{t}.png"), images,
                                args.rows, args.cols))
 
 
@@ -617,7 +621,7 @@ def command_sweep(args, config, model):
     z = np.stack([t * noise for t in args.sweep], axis=1).reshape(-1, noise.shape[1])
     images = np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + 32].astype("float32")))
                              for i in range(0, len(z), 32)])
-    print(common.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
+    print(pictures.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
 
 
 def command_reconstruct(args, config, model):
@@ -625,11 +629,11 @@ def command_reconstruct(args, config, model):
     (original, G(E(x)), G(F^-1(F(E(x))))) - the last goes through the flow both ways."""
     x = real_images(config, args.rows * args.cols, args.seed)
     direct = ops.convert_to_numpy(model.reconstruct(x))
-    print(common.save_grid(os.path.join(args.out, "reconstruct.png"), direct, args.rows, args.cols))
+    print(pictures.save_grid(os.path.join(args.out, "reconstruct.png"), direct, args.rows, args.cols))
     triples = args.rows * (args.cols // 3)
     round_trip = ops.convert_to_numpy(model.generate(model.latent(x[:triples])))
     pairs = np.stack([x[:triples], direct[:triples], round_trip], axis=1).reshape(-1, *x.shape[1:])
-    print(common.save_grid(os.path.join(args.out, "reconstruct_pairs.png"), pairs,
+    print(pictures.save_grid(os.path.join(args.out, "reconstruct_pairs.png"), pairs,
                            args.rows, 3 * (args.cols // 3)))
 
 
@@ -642,7 +646,7 @@ def command_interpolate(args, config, model):
     z_a, z_b = z[0::2], z[1::2]
     path = (z_a[:, None] * (1 - steps)[None, :, None] + z_b[:, None] * steps[None, :, None])
     images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in path])
-    print(common.save_grid(os.path.join(args.out, "interpolate_2.png"), images, args.rows, args.cols))
+    print(pictures.save_grid(os.path.join(args.out, "interpolate_2.png"), images, args.rows, args.cols))
 
     corners = ops.convert_to_numpy(model.latent(real_images(config, 4, args.seed + 1)))
     a = np.linspace(0.0, 1.0, args.rows, dtype="float32")[:, None, None]
@@ -650,20 +654,20 @@ def command_interpolate(args, config, model):
     grid = ((1 - a) * (1 - b) * corners[0] + (1 - a) * b * corners[1]
             + a * (1 - b) * corners[2] + a * b * corners[3])
     images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in grid])
-    print(common.save_grid(os.path.join(args.out, "interpolate_4.png"), images, args.rows, args.cols))
+    print(pictures.save_grid(os.path.join(args.out, "interpolate_4.png"), images, args.rows, args.cols))
 
 
 def command_evaluate(args, config, model):
     """Mean loss parts (nats/example) and bits/dim on held-out images, dequantised as
     y = (x_int + U(0, 1)) / 256 * 2 - 1 (see the module docstring), one u draw per image."""
     if args.eval_dir:
-        files = common.list_image_files(args.eval_dir, flag="--eval-dir")
+        files = image_files.list_image_files(args.eval_dir, flag="--eval-dir")
     else:
-        files = split_files(common.list_image_files(config.data_dir), config.holdout)[1]
+        files = split_files(image_files.list_image_files(config.data_dir), config.holdout)[1]
         if not files:
             raise UsageError(f"--out {args.out!r}: the run holds out no images (--holdout 0); "
                              "pass --eval-dir DIR")
-    files, _ = common.find_readable_images(files, config.img_size)
+    files, _ = image_files.find_readable_images(files, config.img_size)
     if not files:
         raise UsageError("no readable image to evaluate")
     keras.utils.set_random_seed(args.seed)
@@ -695,7 +699,7 @@ def reconstruction_rmse(model, files, img_size, batch=32):
     errors = []
     for images in datasets.image_dataset(files, img_size, batch, lambda x: x):
         images = np.round(images.numpy())
-        rebuilt = common.to_uint8(ops.convert_to_numpy(model.reconstruct(scale_pixels(images))))
+        rebuilt = pictures.to_uint8(ops.convert_to_numpy(model.reconstruct(scale_pixels(images))))
         errors.append(((rebuilt.astype(np.float64) - images) ** 2).reshape(len(images), -1).mean(1))
     return float(np.sqrt(np.mean(np.concatenate(errors))))
 
@@ -727,7 +731,7 @@ def importance_weighted(model, dataset, samples):
 def command_encode(args, config, model):
     """Every image under --folder: its flow latent z (`<dest>.npy`, one row per file) and its
     bits/dim (`<dest>.csv`: file, row, bits_per_dim), in file order."""
-    files = common.scan_image_folder(args.folder, config.img_size, "--folder")
+    files = image_files.scan_image_folder(args.folder, config.img_size, "--folder")
     dest = args.dest or os.path.join(args.out, "encoded", os.path.basename(
         os.path.normpath(args.folder)))
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -845,21 +849,21 @@ def parse_args(argv=None, doc=__doc__, command_help=None, config_class=None, run
                temperatures=(1.0, 0.8)):
     """The command and its flags (`f_vaes.py COMMAND --help` lists a command's own); glow.py
     builds its command line here with its own docstring, commands, config and names."""
-    parser, commands = common.command_parser(doc, command_help or COMMANDS)
-    common.add_config_flags(commands["train"], config_class or Config)
+    parser, commands = cli.command_parser(doc, command_help or COMMANDS)
+    cli.add_config_flags(commands["train"], config_class or Config)
     commands["train"].add_argument("--out", default=None,
                                    help="run folder (config, weights, log.csv, pictures); the "
                                         f"same --out resumes (default: runs/{run_name}<img-size>)")
     add_run_command_flags(commands, temperatures)
     args = parser.parse_args(argv)
-    common.check_at_least(args, 1, *[f for f in ("rows", "cols", "samples") if hasattr(args, f)])
+    cli.check_at_least(args, 1, *[f for f in ("rows", "cols", "samples") if hasattr(args, f)])
     return args
 
 
 def train_config(args, config_class=None, check=None, run_name="fvae"):
     """Config for `train`: the flags, with the run folder, data folder, hold-out and seed
     resolved (glow.py: its config class, its checks, its name)."""
-    config = common.config_from_args(config_class or Config, args)
+    config = cli.config_from_args(config_class or Config, args)
     (check or check_config)(config)
     args.out = args.out or os.path.join("runs", f"{run_name}{config.img_size}")
     return resolve_run_data(config, args)
@@ -869,7 +873,7 @@ def resolve_run_data(config, args):
     """The data folder (the flag, else the run's, else the shared faces of that size; kept
     relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of a run to train."""
     saved_path = os.path.join(args.out, "config.json")
-    saved = (common.read_run_json(saved_path, common.config_kinds(type(config)))
+    saved = (common.read_run_json(saved_path, cli.config_kinds(type(config)))
              if os.path.exists(saved_path) else {})
     data_dir = (args.data_dir or saved.get("data_dir")
                 or (os.path.relpath(DEFAULT_DATA[args.img_size]) if args.img_size in DEFAULT_DATA
@@ -879,7 +883,7 @@ def resolve_run_data(config, args):
                          "--data-dir, a folder of PNG/JPEG images)")
     config.data_dir = data_dir  # as given: a run folder holds no absolute path (--data-dir moves it)
     if config.holdout < 0:
-        config.holdout = saved.get("holdout", len(common.list_image_files(config.data_dir)) // 20)
+        config.holdout = saved.get("holdout", len(image_files.list_image_files(config.data_dir)) // 20)
     if config.seed < 0:
         config.seed = saved.get("seed", int(np.random.randint(0, 2**31 - 1)))
     return config

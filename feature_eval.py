@@ -11,7 +11,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import image_grid, save_grid, write_json, write_png
+from common import write_json
+from pictures import image_grid, save_grid, write_png
 from training.checkpoint import read_state
 
 

@@ -28,9 +28,11 @@ import numpy as np
 import keras
 from keras import ops
 
-import common
+import pictures
+import cli
 import f_vaes
-from common import UsageError, option
+from common import UsageError
+from cli import option
 from f_vaes import LOG_2PI, MultiScaleFlow, bits_per_dim, scale_pixels
 from speedups import FusedAdam
 from training import distribute, guards
@@ -52,10 +54,10 @@ class Config(f_vaes.FaceRunSettings):
 
 
 def check_config(c):
-    common.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
+    cli.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
                           "coupling_width")
-    common.check_at_least(c, 0, "nan_patience")
-    common.check_positive(c, "lr", "collapse_lr")
+    cli.check_at_least(c, 0, "nan_patience")
+    cli.check_positive(c, "lr", "collapse_lr")
     multiple = 2 ** c.level
     if c.img_size < multiple or c.img_size % multiple:
         raise UsageError(f"--img-size {c.img_size}: must be a positive multiple of 2^level = "
@@ -115,7 +117,7 @@ class Glow(guards.GuardedModel):
         return ops.convert_to_numpy(self.latent(scale_pixels(np.asarray(images, np.float32))))
 
     def decode(self, z):
-        return common.to_uint8(ops.convert_to_numpy(self.generate(np.asarray(z, np.float32))))
+        return pictures.to_uint8(ops.convert_to_numpy(self.generate(np.asarray(z, np.float32))))
 
 
 def build_model(config, verbose=False):

@@ -42,6 +42,8 @@ import keras
 
 import code_search
 import common
+import pictures
+import image_files
 import infomax
 from common import UsageError, read_json, write_json
 
@@ -66,11 +68,11 @@ class ImageFile:
 
 
 def scan_folder(folder, flag="--folder"):
-    """Every PNG/JPEG under `folder` (recursively, as `common.list_image_files`) with its size
+    """Every PNG/JPEG under `folder` (recursively, as `image_files.list_image_files`) with its size
     and modification time, sorted by relative path. Unreadable files are found later, once,
     by the encoding itself."""
     files = []
-    for full in common.list_image_files(folder, flag):
+    for full in image_files.list_image_files(folder, flag):
         try:
             stat = os.stat(full)
         except OSError:  # gone since it was listed
@@ -127,7 +129,7 @@ def default_index_path(encoder_folder, folder):
 def model_pixels(path, config):
     """The encoder's input for one image file: decoded, centre square, resized, rounded to
     uint8 values, then scaled to the run's pixel range (PREPROCESSING)."""
-    return infomax.to_model_pixels(tf.round(common.load_image(path, config.img_size)),
+    return infomax.to_model_pixels(tf.round(image_files.load_image(path, config.img_size)),
                                    config.pixel_range)
 
 
@@ -350,14 +352,14 @@ class Index:
             return [f"image {i}" for i in range(len(images))], np.asarray(images, np.uint8)
         names = []
         for name in map(os.fspath, images_or_files):  # a folder: every image in it, bad ones named
-            names += common.scan_image_folder(name, size, flag) if os.path.isdir(name) else [name]
+            names += image_files.scan_image_folder(name, size, flag) if os.path.isdir(name) else [name]
         for name in names:
             if not os.path.isfile(name):
                 raise UsageError(f"{flag} {name!r}: no such file")
-        readable, unreadable = common.find_readable_images(names, size, verbose=False)
+        readable, unreadable = image_files.find_readable_images(names, size, verbose=False)
         if unreadable:
             raise UsageError(f"{flag} {unreadable[0]!r}: not a readable image")
-        return names, np.stack([tf.round(common.load_image(n, size)).numpy().astype(np.uint8)
+        return names, np.stack([tf.round(image_files.load_image(n, size)).numpy().astype(np.uint8)
                                 for n in names])
 
     def query_codes(self, images):
@@ -669,10 +671,10 @@ def neighbour_picture(path, query_image, files, size):
     tiles = [query_image]
     for file in files:
         try:
-            tiles.append(tf.round(common.load_image(file, size)).numpy().astype(np.uint8))
+            tiles.append(tf.round(image_files.load_image(file, size)).numpy().astype(np.uint8))
         except (tf.errors.OpError, ValueError):
             tiles.append(np.zeros_like(query_image))
-    return common.save_grid(path, np.stack(tiles), rows=1, cols=len(tiles), value_range=(0, 255))
+    return pictures.save_grid(path, np.stack(tiles), rows=1, cols=len(tiles), value_range=(0, 255))
 
 
 def print_matches(matches):

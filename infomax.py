@@ -32,9 +32,12 @@ import keras
 from keras import ops
 
 import common
+import image_files
+import cli
 import datasets
 import feature_eval
-from common import UsageError, option
+from common import UsageError
+from cli import option
 from speedups import BatchNormalization, FusedAdam
 from training import distribute, guards, monitor
 from training.checkpoint import atomic_save_weights
@@ -114,10 +117,10 @@ def resolve(config):
         if getattr(config, key) is None:
             setattr(config, key, defaults[key])
     config.pixel_range = defaults["pixel_range"]
-    common.check_at_least(config, 1, "epochs", "z_dim", "steps_per_epoch")
-    common.check_at_least(config, 2, "batch_size")  # negatives come from shuffling the batch
-    common.check_at_least(config, 0, "monitor_knn", "nan_patience")
-    common.check_positive(config, "lr")
+    cli.check_at_least(config, 1, "epochs", "z_dim", "steps_per_epoch")
+    cli.check_at_least(config, 2, "batch_size")  # negatives come from shuffling the batch
+    cli.check_at_least(config, 0, "monitor_knn", "nan_patience")
+    cli.check_positive(config, "lr")
     if config.img_size < 2 * LOCAL_MAP_SIZE or config.img_size & (config.img_size - 1):
         raise UsageError(f"--img-size {config.img_size}: must be a power of two >= "
                          f"{2 * LOCAL_MAP_SIZE}")
@@ -537,7 +540,7 @@ def load_run_config(out, weights):
     if not os.path.isfile(config_path) or not os.path.isfile(weights_path):
         raise UsageError(f"--out {out!r}: no saved run there (expected config.json and "
                          f"{weights}.weights.h5)")
-    config = common.read_run_config(config_path, Config)
+    config = cli.read_run_config(config_path, Config)
     config.pixel_range = tuple(config.pixel_range)
     config.jit_compile = False
     return config, weights_path
@@ -620,7 +623,7 @@ def search(args):
 def encode_folder(args):
     """mu of every image under --folder, in file order: `<dest>.npy` and `<dest>.csv` (file, row)."""
     encoder, config = load_encoder(args.out)
-    files = common.scan_image_folder(args.folder, config.img_size, "--folder")
+    files = image_files.scan_image_folder(args.folder, config.img_size, "--folder")
     dest = args.dest or os.path.join(args.out, "encoded",
                                      os.path.basename(os.path.normpath(args.folder)))
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -683,9 +686,9 @@ def add_metric_flag(parser):
 
 def parse_args(argv=None):
     """The command and its flags; for `train`, `args.config` is the resolved Config."""
-    parser, commands = common.command_parser(__doc__, COMMANDS)
+    parser, commands = cli.command_parser(__doc__, COMMANDS)
     for name, out in (("train", "runs/infomax"), ("ablation", "runs/infomax-ablation")):
-        common.add_config_flags(commands[name], Config)
+        cli.add_config_flags(commands[name], Config)
         commands[name].add_argument("--out", default=out,
                                     help="run folder (the same --out resumes)")
         add_evaluation_flags(commands[name])
@@ -743,14 +746,14 @@ def parse_args(argv=None):
                                     help="the images to encode (recursively)")
 
     args = parser.parse_args(argv)
-    common.check_at_least(args, 1, *[f for f in ("probe_epochs", "eval_limit", "top")
+    cli.check_at_least(args, 1, *[f for f in ("probe_epochs", "eval_limit", "top")
                                      if hasattr(args, f)])
     if args.command == "index":
-        common.check_at_least(args, 1, "batch_size", "commit_every")
+        cli.check_at_least(args, 1, "batch_size", "commit_every")
     if args.command == "search":
-        common.check_at_least(args, 0, "max_pictures")
+        cli.check_at_least(args, 0, "max_pictures")
     if args.command in ("train", "ablation"):
-        args.config = resolve(common.config_from_args(Config, args))
+        args.config = resolve(cli.config_from_args(Config, args))
     return args
 
 

@@ -11,6 +11,8 @@ import keras
 from PIL import Image
 
 import common
+import pictures
+import image_files
 import datasets
 import training.checkpoint
 
@@ -53,10 +55,10 @@ def write_messy_folder(root):
 
 def test_messy_folder_keeps_every_readable_image_and_names_the_bad_ones(tmp_path, capsys):
     good, bad = write_messy_folder(tmp_path)
-    files = common.list_image_files(str(tmp_path))
+    files = image_files.list_image_files(str(tmp_path))
     assert sorted(files) == sorted(good + bad)  # recursive, any case, no .txt
     with pytest.warns(UserWarning) as caught:
-        readable = common.scan_image_folder(str(tmp_path), img_size=16)
+        readable = image_files.scan_image_folder(str(tmp_path), img_size=16)
     assert sorted(readable) == good
     warned = " ".join(str(w.message) for w in caught)
     for path in bad:
@@ -69,21 +71,21 @@ def test_messy_folder_keeps_every_readable_image_and_names_the_bad_ones(tmp_path
 
 def test_missing_or_empty_or_unusable_folder_is_a_clear_error(tmp_path):
     with pytest.raises(common.UsageError, match=r"--data-dir '.*nowhere': no such folder"):
-        common.list_image_files(str(tmp_path / "nowhere"))
+        image_files.list_image_files(str(tmp_path / "nowhere"))
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(common.UsageError, match="no .png/.jpg/.jpeg files found"):
-        common.list_image_files(str(tmp_path))
+        image_files.list_image_files(str(tmp_path))
     open(tmp_path / "x.png", "wb").close()
     with pytest.warns(UserWarning), pytest.raises(common.UsageError, match="none of its 1 image file"):
-        common.scan_image_folder(str(tmp_path), 8)
+        image_files.scan_image_folder(str(tmp_path), 8)
 
 
 def test_centre_square_crop_of_a_tall_image_takes_the_middle_rows():
     image = np.zeros((10, 4, 3), np.uint8)
     image[3:7] = 255  # rows (h-w)/2 .. (h-w)/2+w = 3..7
-    crop = common.centre_square(tf.constant(image)).numpy()
+    crop = image_files.centre_square(tf.constant(image)).numpy()
     assert crop.shape == (4, 4, 3) and crop.min() == 255
-    assert common.centre_square(tf.constant(image.transpose(1, 0, 2))).numpy().min() == 255
+    assert image_files.centre_square(tf.constant(image.transpose(1, 0, 2))).numpy().min() == 255
 
 
 def test_dataset_scales_pixels_and_reshuffles_each_pass(tmp_path):
@@ -104,10 +106,10 @@ def test_dataset_scales_pixels_and_reshuffles_each_pass(tmp_path):
 
 def test_grid_tiles_row_by_row_with_the_spec_pixel_mapping(tmp_path):
     images = np.stack([np.full((2, 3, 3), v, np.float32) for v in (-1.0, 0.0, 1.0, 2.0)])
-    grid = common.image_grid(images, rows=2, cols=2)
+    grid = pictures.image_grid(images, rows=2, cols=2)
     assert grid.shape == (4, 6, 3) and grid.dtype == np.uint8
     assert grid[0, 0, 0] == 0 and grid[0, 3, 0] == 128 and grid[2, 0, 0] == 255 and grid[2, 3, 0] == 255
-    path = common.save_grid(str(tmp_path / "g.png"), images, 2, 2)
+    path = pictures.save_grid(str(tmp_path / "g.png"), images, 2, 2)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
     assert os.listdir(tmp_path) == ["g.png"]
 

@@ -12,6 +12,7 @@ import imageio.v3 as iio
 
 from conftest import ROOT
 from test_same_weights import write_pictures
+import cli
 import compare
 import f_vaes
 import glow
@@ -24,7 +25,7 @@ def counts(preset):
         args = script.parse_args([*compare.PRESETS[preset]["models"][name],
                                   "--img-size", str(compare.PRESETS[preset]["img_size"]),
                                   "--seed", "0", "--out", "unused"])
-        config = f_vaes.common.config_from_args(script.Config, args)
+        config = cli.config_from_args(script.Config, args)
         config.jit_compile = False
         found[name] = f_vaes.count(script.build_model(config).trainable_weights)
     return found

@@ -15,6 +15,7 @@ import keras
 
 from conftest import ROOT, SHARED_DATA
 import common
+import image_files
 import datasets
 import training.checkpoint
 import f_vaes
@@ -564,7 +565,7 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "celeba", "celeba_64x64")),
                     reason="the shared CelebA 64x64 folder is not here (../shared/data/celeba)")
 def test_real_faces_load_as_the_model_expects():
-    files = common.list_image_files(os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
+    files = image_files.list_image_files(os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
     assert len(files) == 10000
     batch = next(iter(datasets.image_dataset(files[:8], 64, 8, f_vaes.scale_pixels)))
     assert batch.shape == (8, 64, 64, 3)

@@ -32,6 +32,7 @@ from PIL import Image
 
 from conftest import ROOT
 import common
+import pictures
 import datasets
 import fault_hooks
 import training.checkpoint
@@ -627,17 +628,17 @@ def test_a_full_disk_at_any_write_keeps_the_last_save_and_the_csv_and_the_run_re
 
 def test_a_sample_grid_that_cannot_be_written_leaves_the_old_one(tmp_path, monkeypatch):
     path = str(tmp_path / "grid.png")
-    common.save_grid(path, np.zeros((4, 8, 8, 3)))
+    pictures.save_grid(path, np.zeros((4, 8, 8, 3)))
     before = open(path, "rb").read()
 
     def half_then_full(file, image, **kwargs):
         open(file, "wb").write(b"half a PNG")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(common.iio, "imwrite", half_then_full)
+    monkeypatch.setattr(pictures.iio, "imwrite", half_then_full)
     with pytest.raises(common.CannotWrite, match=r"cannot write .*grid.png \(No space left on "
                                                  r"device\): it needs about 768 bytes, "):
-        common.save_grid(path, np.ones((4, 8, 8, 3)), kept="epoch 3 is saved")
+        pictures.save_grid(path, np.ones((4, 8, 8, 3)), kept="epoch 3 is saved")
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["grid.png"]
 
 
@@ -932,13 +933,13 @@ def write_gif(path, frames, width, height):
 
 MEASURE_DECODING = textwrap.dedent("""
     import json, resource, sys, time, warnings
-    import common
+    import image_files
     folder, warm_up = sys.argv[1], sys.argv[2]
-    common.find_readable_images([warm_up], 16)  # TensorFlow's and tf.data's own memory first
+    image_files.find_readable_images([warm_up], 16)  # TensorFlow's and tf.data's own memory first
     before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        readable = common.scan_image_folder(folder, img_size=16)
+        readable = image_files.scan_image_folder(folder, img_size=16)
     print(json.dumps({"readable": readable, "warnings": [str(w.message) for w in caught],
                       "seconds": time.time() - started,
                       "peak_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

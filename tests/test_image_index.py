@@ -20,6 +20,7 @@ from PIL import Image
 from conftest import ROOT
 import code_search
 import common
+import image_files
 import image_index
 import infomax
 from image_index import Index
@@ -94,9 +95,9 @@ def assert_same_index(updated, scratch):
 
 def expected_codes(files, run):
     """mu of each file as `infomax.embed` computes it from uint8 images, decoded by the loader
-    training uses (`common.load_image`, rounded to uint8)."""
+    training uses (`image_files.load_image`, rounded to uint8)."""
     encoder, config = infomax.load_encoder(run)
-    images = np.stack([np.round(common.load_image(f, config.img_size).numpy()).astype(np.uint8)
+    images = np.stack([np.round(image_files.load_image(f, config.img_size).numpy()).astype(np.uint8)
                        for f in files])
     return infomax.embed(images, encoder, config)
 
@@ -187,7 +188,7 @@ def test_searching_an_index_equals_a_brute_force_search_of_the_folder(run, tmp_p
     for query, found in zip(queries[:3], matches.files):
         assert found[0] == query  # an indexed image is its own nearest neighbour
     # uint8 images at the index's size are queries too: the same answer
-    images = np.stack([np.round(common.load_image(q, 8).numpy()).astype(np.uint8) for q in queries])
+    images = np.stack([np.round(image_files.load_image(q, 8).numpy()).astype(np.uint8) for q in queries])
     assert index.search(images, k=5, metric=metric).files == matches.files
 
 
@@ -380,7 +381,7 @@ def test_search_command_prints_draws_and_writes_csv_and_json(run, tmp_path, caps
     rows = list(csv.DictReader(open(results / "found.csv")))
     assert [(r["query"], r["rank"]) for r in rows] == [
         (q, str(rank)) for q in (own, str(queries / "q1.jpg"), str(queries / "deeper" / "q2.png"))
-        for rank in (1, 2, 3)]  # a folder's images in common.list_image_files' order
+        for rank in (1, 2, 3)]  # a folder's images in image_files.list_image_files' order
     assert rows[0]["file"] == own and float(rows[0]["score"]) == pytest.approx(1.0, abs=1e-5)
     assert iio.imread(os.path.join(run, "search_q1_cosine.png")).shape == (8, 4 * 8, 3)
 

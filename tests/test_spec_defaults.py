@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-import common
+import cli
 import datasets
 import f_vaes
 import infomax
@@ -21,7 +21,7 @@ def test_fvae_train_defaults_are_the_scripts():
     L = 4 levels of K = 12 steps with 256-channel couplings, 12 residual steps per block."""
     args = f_vaes.parse_args([])
     assert args.command == "train"
-    config = common.config_from_args(f_vaes.Config, args)
+    config = cli.config_from_args(f_vaes.Config, args)
     assert (config.img_size, config.batch_size, config.lr, config.epochs,
             config.steps_per_epoch) == (128, 32, 1e-4, 1000, 1000)
     assert (config.level, config.depth, config.coupling_width, config.res_steps) == (4, 12, 256, 12)

@@ -16,7 +16,9 @@ import tensorflow as tf
 
 from conftest import ROOT, SHARED_DATA
 from test_same_weights import write_pictures
+import cli
 import f_vaes
+import image_files
 import infomax
 
 TINY_FVAE = ["--img-size", "16", "--level", "2", "--depth", "1", "--res-steps", "1",
@@ -132,7 +134,7 @@ def test_notebook_api_samples_encodes_decodes_and_scores(fvae_run):
     z = model.encode(images)
     assert z.shape == (6, 768)
     # decode(encode(x)) is the author's reconstruction G(E(x)): the flow inverts exactly
-    direct = f_vaes.common.to_uint8(model.reconstruct(images / 255.0 * 2 - 1).numpy())
+    direct = pictures.to_uint8(model.reconstruct(images / 255.0 * 2 - 1).numpy())
     assert np.abs(model.decode(z).astype(int) - direct.astype(int)).max() <= 1
     bits = model.bits_per_dim(images)
     assert bits.shape == (6,) and np.all(np.isfinite(bits)) and np.all(bits > 0)
@@ -152,7 +154,7 @@ def test_export_saved_models_load_back_and_compute_the_same(fvae_run, tmp_path):
                                atol=1e-4)
     weights = tmp_path / "export" / "inference.weights.h5"
     assert os.path.getsize(weights) < 0.4 * os.path.getsize(run / "latest.weights.h5")
-    config = f_vaes.common.config_from_json(f_vaes.Config, json.load(open(run / "config.json")))
+    config = cli.config_from_json(f_vaes.Config, json.load(open(run / "config.json")))
     inference = f_vaes.FVAE(config.img_size, config.level, config.depth, config.res_steps,
                             config.coupling_width, config.seed, name="fvae")
     inference(np.zeros((1, 16, 16, 3), "float32"))
@@ -170,7 +172,7 @@ def test_encode_writes_latents_and_bits_per_dim_keyed_by_file(fvae_run, tmp_path
     assert [r["file"] for r in rows] == sorted(os.listdir(pictures))
     assert latents.shape == (16, 768) and all(np.isfinite(float(r["bits_per_dim"])) for r in rows)
     model = f_vaes.FVAE.from_run(str(run))
-    first = f_vaes.common.load_image(os.path.join(pictures, rows[5]["file"]), 16).numpy()
+    first = image_files.load_image(os.path.join(pictures, rows[5]["file"]), 16).numpy()
     np.testing.assert_allclose(latents[5], model.encode(first[None])[0], atol=1e-4)
 
 
@@ -187,7 +189,7 @@ def test_infomax_encoder_exports_and_encodes_a_folder(tmp_path):
         result = script("infomax.py", *argv, "--out", str(run))
         assert result.returncode == 0, result.stderr
     encoder, config = infomax.load_encoder(str(run))
-    images = np.stack([f_vaes.common.load_image(os.path.join(pictures, f), 16).numpy()
+    images = np.stack([image_files.load_image(os.path.join(pictures, f), 16).numpy()
                        for f in sorted(os.listdir(pictures))]).round().astype(np.uint8)
     expected = infomax.embed(images, encoder, config)
     exported = tf.saved_model.load(str(tmp_path / "export" / "feature_extractor"))

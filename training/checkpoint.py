@@ -24,8 +24,8 @@ import tensorflow as tf
 import keras
 import h5py
 
-from common import (CannotWrite, Interrupted, TrainingStopped, UsageError, append_text,
-                    cannot_write, flag_name, read_run_json, remove_quietly, write_json, write_text)
+from common import CannotWrite, Interrupted, TrainingStopped, UsageError, append_text, cannot_write, read_run_json, remove_quietly, write_json, write_text
+from cli import flag_name
 from training import distribute
 
 

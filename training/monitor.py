@@ -1,7 +1,8 @@
 """What a run shows while it trains, besides log.csv: Keras' TensorBoard logs (scalars per
 epoch), the running means every N steps (to TensorBoard, and as a line of text when the
 output is not a terminal, where Keras' progress bar would write one endless line), the
-run's pictures in TensorBoard, and loss_curves.png redrawn from log.csv after every epoch."""
+run's pictures in TensorBoard, loss_curves.png redrawn from log.csv after every epoch, and
+the parameter counts printed when it starts."""
 
 import csv
 import os
@@ -11,7 +12,12 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from common import write_png
+from pictures import write_png
+
+
+def count_parameters(weights):
+    """The numbers in a list of weights (the parameter counts printed at the start of a run)."""
+    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 def tensorboard_dir(run_dir):

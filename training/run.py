@@ -25,7 +25,8 @@ import tensorflow as tf
 
 import tf_setup
 
-from common import Interrupted, UsageError, ensure_writable_dir, option
+from common import Interrupted, UsageError, ensure_writable_dir
+from cli import option
 from training.checkpoint import RunCheckpoint, check_run_config
 from training.distribute import (DISTRIBUTE, AverageReplicaStatistics, check_global_batch,
                                  check_workers_agree, device_list, make_strategy,

@@ -1,0 +1,50 @@
+"""Pictures: model pixels to 0..255, grids of images, PNG files written so that a half-written
+one never replaces a good one."""
+
+import math
+import os
+
+import imageio.v3 as iio
+import numpy as np
+
+from common import cannot_write, remove_quietly
+
+
+def to_uint8(images, value_range=(-1.0, 1.0)):
+    """Map model pixels to 0..255: for [-1, 1] this is `(x+1)/2*255`, clipped (SPEC.md)."""
+    lo, hi = value_range
+    images = (np.asarray(images, dtype=np.float32) - lo) / (hi - lo) * 255.0
+    return np.clip(np.round(images), 0, 255).astype(np.uint8)
+
+
+def image_grid(images, rows, cols, value_range=(-1.0, 1.0)):
+    """Tile (rows*cols, h, w, 3) images, row by row, into one (rows*h, cols*w, 3) uint8 picture."""
+    images = to_uint8(images, value_range)
+    n, h, w, c = images.shape
+    if n < rows * cols:
+        images = np.concatenate([images, np.zeros((rows * cols - n, h, w, c), np.uint8)])
+    images = images[:rows * cols].reshape(rows, cols, h, w, c)
+    return images.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0), kept=None):
+    """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one;
+    one that cannot be written is a CannotWrite, `kept` saying what is safe)."""
+    n = len(images)
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = rows or int(math.ceil(n / cols))
+    return write_png(path, image_grid(images, rows, cols, value_range), kept)
+
+
+def write_png(path, picture, kept=None):
+    """Write a uint8 picture as PNG through a temporary file: a half-written PNG never
+    replaces a good one; one that cannot be written is a CannotWrite, `kept` saying what is
+    safe."""
+    tmp = path + ".tmp.png"
+    try:
+        iio.imwrite(tmp, picture)
+        os.replace(tmp, path)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise cannot_write(path, e, picture.nbytes, kept) from None
+    return path
