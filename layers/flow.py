@@ -55,7 +55,17 @@ def _seed_or_draw(seed):
 
 
 class FlowLayer(keras.layers.Layer):
-    """Base class: `call(inputs, inverse=False) -> (outputs, logdet)`; `inverse(y) -> x`."""
+    """Base class: `call(inputs, inverse=False) -> (outputs, logdet)`; `inverse(y) -> x`.
+
+    A flow layer computes in float32 whatever Keras' global dtype policy is (a `dtype`
+    argument overrides it): its state path and log-determinant decide the likelihood and the
+    inverse, which low precision breaks. Networks inside it (a coupling's `nn`) keep the
+    policy they were built with, and their outputs are cast back to float32.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
 
     def inverse(self, outputs):
         return self(outputs, inverse=True)[0]
@@ -180,7 +190,8 @@ class CondActNorm(FlowLayer):
         _require_image(x_shape, self, "x")
         _require_image(cond_shape, self, "cond")
         self.conv = SameConv2D(2 * x_shape[-1], self.kernel_size, kernel_initializer="zeros",
-                               bias_initializer="zeros", name="scale_shift")
+                               bias_initializer="zeros", dtype=self.dtype_policy,
+                               name="scale_shift")  # its log-scales are a log-determinant
         self.conv.build(tuple(cond_shape))
 
     def call(self, inputs, inverse=False):
@@ -413,7 +424,7 @@ class CoupleWrapper(FlowLayer):
 
     def call(self, inputs, inverse=False):
         x1, x2 = ops.split(inputs, [inputs.shape[-1] // 2], axis=-1)
-        out = self.nn(x1)
+        out = ops.cast(self.nn(x1), x2.dtype)  # nn may compute in low precision, x2 does not
         if self.affine:
             log_scale, shift = ops.split(out, 2, axis=-1)
             logdet = ops.sum(ops.reshape(log_scale, (ops.shape(log_scale)[0], -1)), axis=1)

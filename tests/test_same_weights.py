@@ -1,9 +1,18 @@
-"""The redesign of issue 14 changed where code lives, not what it computes: the same seed and
-flags still train the same weights. `tests/data/weights_before_redesign.npz` holds a
-fingerprint of every array in `latest.weights.h5` (weights and optimiser state) of two short
-runs, one per script, recorded with the code as it was before the redesign (commit cbc68d5)
-by `python tests/test_same_weights.py record`; the test trains the same runs with today's code
-and compares. The argument lists are the old spellings, which must still work."""
+"""Redesigns change where code lives, not what it computes: the same seed and flags still
+train the same weights. `tests/data/weights_before_redesign.npz` holds a fingerprint of every
+array in `latest.weights.h5` (weights and optimiser state) of two short runs, one per script,
+recorded with the code as it was before the second redesign (commit f7bd01c) by
+`python tests/test_same_weights.py record`; the test trains the same runs with today's code
+and compares. The argument lists are the old spellings, which must still work.
+
+How close is "the same" on another machine? oneDNN picks other kernels on another CPU, which
+sum in another order, and after a few Adam steps (which turn a gradient's sign, however small,
+into a step of the learning rate's size) and batch-norm statistics of near-cancelling sums,
+float32 round-off grows well past a few ulps. So the recording also trains both runs with
+TensorFlow's own (Eigen) kernels, `TF_ENABLE_ONEDNN_OPTS=0`, another valid float32 summation
+order, and keeps the differences between the two: the round-off these
+steps amplify, measured (`allowed_difference`). The test allows a few times that; a changed computation (another seed, learning rate, sign or axis) moves the
+weights by far more. Bit-exact comparisons stay where one machine reproduces them (resume)."""
 
 import os
 import sys
@@ -17,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT  # noqa: E402
 
 REFERENCE = os.path.join(ROOT, "tests", "data", "weights_before_redesign.npz")
+ROUND_OFF_MARGIN = 8
+ULPS = 16 * np.finfo(np.float32).eps
 
 
 def write_pictures(folder, n=12, size=16):
@@ -57,33 +68,58 @@ def fingerprint(path):
     return prints
 
 
-def train_run(script, argv):
+def train_run(script, argv, onednn="1"):
     import subprocess
     result = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *argv],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn})
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def fingerprints(tmp):
+def fingerprints(tmp, onednn="1"):
     data = write_pictures(os.path.join(tmp, "pictures"))
     found = {}
     for name, script, argv in runs(data, tmp):
-        train_run(script, argv)
+        train_run(script, argv, onednn)
         for key, value in fingerprint(os.path.join(tmp, name, "latest.weights.h5")).items():
             found[f"{name}/{key}"] = value
     return found
 
 
 def test_same_seed_and_flags_train_the_weights_saved_before_the_redesign(tmp_path):
-    reference = dict(np.load(REFERENCE))
+    saved = dict(np.load(REFERENCE))
+    reference = {k: v for k, v in saved.items() if not k.startswith("round_off/")}
     found = fingerprints(str(tmp_path))
     assert sorted(found) == sorted(reference)  # the same variables under the same names
     for key, value in reference.items():
-        np.testing.assert_allclose(found[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+        assert np.all(np.abs(found[key] - value) <= allowed_difference(
+            value, saved[f"round_off/{key}"])), (
+            f"{key}: differs by more than float32 round-off allows\nfound    "
+            f"{found[key][:6]}\nrecorded {value[:6]}\nallowed  "
+            f"{allowed_difference(value, saved[f'round_off/{key}'])[:6]}")
+
+
+def allowed_difference(value, round_off):
+    """Per number of a fingerprint (sum, sum of squares, first values): ROUND_OFF_MARGIN times
+    its measured round-off, or the largest of the array's first values where that is larger
+    (a value that happened to come out the same both ways is no more exact than its
+    neighbours), plus a few ulps of the array's scale."""
+    return (ROUND_OFF_MARGIN * np.maximum(round_off, round_off[2:].max())
+            + ULPS * np.abs(value).max())
+
+
+def record():
+    """The fingerprints with oneDNN's kernels, and per array the largest difference from
+    TensorFlow's own kernels (the measured round-off)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = fingerprints(os.path.join(tmp, "onednn"))
+        eigen = fingerprints(os.path.join(tmp, "eigen"), onednn="0")
+    round_off = {f"round_off/{k}": np.abs(reference[k] - eigen[k]) for k in reference}
+    np.savez_compressed(REFERENCE, **reference, **round_off)
+    worst = sorted(((k, v.max()) for k, v in round_off.items()), key=lambda kv: -kv[1])[:3]
+    print(f"wrote {REFERENCE}; the largest round-off differences: {worst}")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["record"]:
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        np.savez_compressed(REFERENCE, **fingerprints(tmp))
-    print(f"wrote {REFERENCE}")
+    record()

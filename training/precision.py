@@ -1,0 +1,90 @@
+"""The precision a run computes in (`--precision`), and where low precision may go.
+
+    float32          everything in float32
+    mixed_bfloat16   the networks' convolutions, matmuls and activations in bfloat16
+    mixed_float16    the same in float16, with Keras' dynamic loss scaling
+    auto             mixed_bfloat16 where the hardware runs bfloat16 natively (a CPU with AMX
+                     or AVX512-BF16, a GPU of compute capability 8.0 or later), else float32
+
+Weights and optimiser state are float32 in every precision (Keras' mixed policies keep the
+variables in float32 and cast them where a layer computes), so a run saved in one precision
+resumes in another. Only the layers built inside `networks(precision)` compute in low
+precision: the encoders, decoders, coupling networks and discriminators. Everything that
+decides a likelihood or an inverse stays float32: the flow's state path and its layers
+(their dtype is fixed to float32, whatever the global policy), every log-determinant, the
+loss and its parts; each network's output is cast back to float32 where it leaves it.
+"""
+
+import contextlib
+
+import keras
+
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The CPU's feature flags (Linux); an empty set where they cannot be read."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def gpu_capabilities():
+    """The compute capability (major, minor) of each GPU TensorFlow sees (none on a CPU)."""
+    import tensorflow as tf
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        capabilities.append(tuple(details.get("compute_capability", (0, 0))))
+    return capabilities
+
+
+def hardware_runs_bfloat16(gpus=None, flags=None):
+    """Whether bfloat16 is native here: on GPUs, all of compute capability 8.0 (Ampere) or
+    later; without one, a CPU with AMX or AVX512-BF16 units (oneDNN uses them)."""
+    gpus = gpu_capabilities() if gpus is None else gpus
+    if gpus:
+        return all(tuple(c) >= (8, 0) for c in gpus)
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def resolve(precision, gpus=None, flags=None):
+    """The policy `precision` stands for here: `auto` becomes mixed_bfloat16 or float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "mixed_bfloat16" if hardware_runs_bfloat16(gpus, flags) else "float32"
+    return precision
+
+
+@contextlib.contextmanager
+def networks(precision):
+    """Layers built inside compute in `precision` (resolved); the global policy is restored
+    after, so that nothing built elsewhere is affected."""
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(resolve(precision))
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def to_float32(x):
+    """A network's output, back in float32 where it enters a likelihood, a flow or a loss."""
+    return keras.ops.cast(x, "float32")
+
+
+def wrap_optimizer(optimizer, precision):
+    """float16 needs its loss scaled (gradients below 6e-8 vanish in it): Keras'
+    LossScaleOptimizer, dynamic, around `optimizer`; bfloat16 has float32's range and needs
+    none."""
+    if resolve(precision) == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
