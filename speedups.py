@@ -78,7 +78,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     The fused kernel normalises with the biased batch variance, as Keras does, but returns
     the unbiased one (times n/(n-1)); it is scaled back so that the moving variance follows
-    Keras 3's rule. Anything else (inference, masks, `synchronized=True` across replicas,
+    Keras 3's rule. Under a mixed policy the kernel takes the bfloat16 or float16 batch as it
+    is, with float32 scale, offset and statistics (Keras casts the batch to float32 and back
+    around ten ops). Anything else (inference, masks, `synchronized=True` across replicas,
     renorm, other ranks or dtypes, other backends) takes Keras' own path. The class keeps
     Keras' name so that weights files are interchangeable with `keras.layers.BatchNormalization`.
     """
@@ -87,7 +89,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return (training is True and self.trainable and mask is None and not self.synchronized
                 and not self.renorm and self.center and self.scale
                 and len(inputs.shape) == 4 and self.axis in (-1, 3)
-                and inputs.dtype == "float32" and keras.backend.backend() == "tensorflow")
+                and inputs.dtype in ("float32", "bfloat16", "float16")
+                and keras.backend.backend() == "tensorflow")
 
     def call(self, inputs, training=None, mask=None):
         if not self._fused_applies(inputs, training, mask):
@@ -96,7 +99,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC",
             is_training=True)[:3]
         shape = tf.shape(inputs)
-        count = tf.cast(shape[0] * shape[1] * shape[2], inputs.dtype)
+        count = tf.cast(shape[0] * shape[1] * shape[2], unbiased_variance.dtype)
         variance = unbiased_variance * tf.maximum(count - 1.0, 1.0) / count
         self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(

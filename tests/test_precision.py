@@ -91,3 +91,25 @@ def test_the_coupling_inverse_is_as_exact_in_bfloat16_as_in_float32():
     error16, y16 = round_trip_error("mixed_bfloat16")
     assert error16 <= max(2 * error32, 1e-6), (error16, error32)
     assert not np.array_equal(y16, y32)  # the network did compute in bfloat16
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_the_fused_batch_norm_matches_keras_in_low_precision(policy):
+    """speedups.BatchNormalization's fused kernel on a bfloat16 / float16 batch: the output
+    Keras' own layer gives (to the precision's rounding) and the same float32 moving
+    statistics."""
+    from speedups import BatchNormalization
+    x = np.random.RandomState(3).randn(8, 6, 6, 16).astype("float32") * 2 + 0.5
+    with precision.networks(policy):
+        fused, plain = BatchNormalization(), keras.layers.BatchNormalization()
+    y_fused = fused(x, training=True)
+    assert fused._fused_applies(ops.cast(x, policy.split("_")[1]), True, None)
+    y_plain = plain(x, training=True)
+    assert y_fused.dtype == y_plain.dtype == policy.split("_")[1]
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(y_fused, "float32")),
+                               ops.convert_to_numpy(ops.cast(y_plain, "float32")),
+                               atol=0.05 if policy == "mixed_bfloat16" else 0.005)
+    for a, b in zip(fused.non_trainable_weights, plain.non_trainable_weights):
+        assert a.dtype == "float32"
+        np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b),
+                                   rtol=1e-2, atol=1e-3)
