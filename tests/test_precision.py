@@ -113,3 +113,32 @@ def test_the_fused_batch_norm_matches_keras_in_low_precision(policy):
         assert a.dtype == "float32"
         np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b),
                                    rtol=1e-2, atol=1e-3)
+
+
+def small_model(policy):
+    from speedups import FusedAdam
+    with precision.networks(policy):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=precision.wrap_optimizer(FusedAdam(1e-2), policy), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+@pytest.mark.parametrize("saved_in, resumed_in", [("float32", "mixed_float16"),
+                                                  ("mixed_float16", "mixed_bfloat16"),
+                                                  ("mixed_bfloat16", "float32")])
+def test_a_save_resumes_in_another_precision_with_its_adam_state(tmp_path, saved_in, resumed_in):
+    from training.checkpoint import load_weights
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 3), "float32")
+    first = small_model(saved_in)
+    first.fit(x, y, epochs=3, verbose=0)
+    first.save_weights(str(tmp_path / "run.weights.h5"))
+    second = small_model(resumed_in)
+    load_weights(second, str(tmp_path / "run.weights.h5"))
+    adam = lambda m: getattr(m.optimizer, "inner_optimizer", m.optimizer)  # noqa: E731
+    assert int(adam(second).iterations.numpy()) == int(adam(first).iterations.numpy()) > 0
+    for a, b in zip(adam(first).variables, adam(second).variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    for a, b in zip(first.weights, second.weights):
+        assert b.dtype == "float32"
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))

@@ -117,6 +117,29 @@ def atomic_save_weights(model, path, previous=None, kept=None, **attrs):
     raise cannot_write(path, failure, needed, kept or "the previous save is intact") from None
 
 
+def load_weights(model, path):
+    """`model.load_weights(path)`, also across precisions: a run saved in mixed_float16 (whose
+    optimiser is Keras' LossScaleOptimizer, the Adam state one level down in the file) resumes
+    in float32 or bfloat16 with the same Adam state, and the other way round. (Keras alone
+    skips the optimiser's state there, with a warning, and the moments start again at zero.)
+    The loss scale of a float16 run that starts from another precision's save starts afresh."""
+    import warnings
+    optimizer = getattr(model, "optimizer", None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+    if optimizer is None:
+        return
+    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    with h5py.File(path, "r") as f:
+        saved_scaled = "optimizer/inner_optimizer/vars" in f
+        if scaled == saved_scaled or "optimizer/vars" not in f:
+            return
+        adam = optimizer.inner_optimizer if scaled else optimizer
+        group = f["optimizer/vars" if scaled else "optimizer/inner_optimizer/vars"]
+        adam.load_own_variables({key: np.asarray(group[key]) for key in group})
+
+
 def weights_file_size(model):
     """About the size of the model's weights file: its weights and optimiser state."""
     variables = list(model.weights) + list(getattr(model.optimizer, "variables", None) or [])
@@ -319,7 +342,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                                        sorted(k for k in self.model_config if k in recorded))
             if diffs:
                 raise UsageError(f"{path} holds another model: " + "; ".join(diffs))
-        model.load_weights(path)
+        load_weights(model, path)
         if not weights_are_finite(model):
             raise ValueError("its weights are not finite")
         if "epochs_done" not in saved and os.path.exists(self.state_path):
