@@ -1,6 +1,6 @@
 """What a trained feature extractor is good for, and how good it is: encode images, find
 nearest neighbours (cosine or Euclidean), k-NN and probe accuracies on a labelled split,
-neighbour pictures. Search by image over an index of a folder is in image_index.py."""
+neighbour pictures. Search by image over an index of a folder is in search/"""
 
 import os
 import sys

@@ -16,11 +16,13 @@ by its KL term. The feature extractor is x -> mu.
 The story, top to bottom: configuration, data, encoder, discriminators, the loss, the
 training model, training, the command line. What a trained encoder is good for (k-NN and
 probe accuracies, neighbour pictures) is in feature_eval.py, search by image over an index of
-a folder in image_index.py; the data sets are in datasets.py.
+a folder in search/ (which takes this file's encoder as a `search.Encoder`); the data sets are
+in datasets.py.
 """
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -36,6 +38,7 @@ import image_files
 import cli
 import datasets
 import feature_eval
+import search
 from common import UsageError
 from cli import option
 from speedups import BatchNormalization, FusedAdam
@@ -107,16 +110,15 @@ class Config(RunSettings):
 
 
 def resolve(config):
-    """Fill the dataset's defaults in, then check every value: a one-line UsageError naming
-    the flag, before anything is built."""
+    """A new Config: `config` with the dataset's defaults filled in, every value checked (a
+    one-line UsageError naming the flag, before anything is built)."""
     defaults = DATASETS[config.dataset]
     if config.dataset != "folder" and config.img_size not in (None, defaults["img_size"]):
         raise UsageError(f"--img-size {config.img_size}: fixed at {defaults['img_size']} for "
                          f"--dataset {config.dataset}")
-    for key in ("img_size", "batch_size", "epochs"):
-        if getattr(config, key) is None:
-            setattr(config, key, defaults[key])
-    config.pixel_range = defaults["pixel_range"]
+    config = dataclasses.replace(config, pixel_range=defaults["pixel_range"], **{
+        key: defaults[key] for key in ("img_size", "batch_size", "epochs")
+        if getattr(config, key) is None})
     cli.check_at_least(config, 1, "epochs", "z_dim", "steps_per_epoch")
     cli.check_at_least(config, 2, "batch_size")  # negatives come from shuffling the batch
     cli.check_at_least(config, 0, "monitor_knn", "nan_patience")
@@ -293,11 +295,13 @@ def random_permutation(n, seed_generator, groups=1):
     return ops.reshape(block_order + block_start, (-1,))
 
 
-class InfoMax(keras.Model):
-    """Encoder + global and local discriminators, trained end to end on the InfoMax loss."""
+class InfoMax(guards.GuardedModel):
+    """Encoder + global and local discriminators, trained end to end on the InfoMax loss by
+    GuardedModel's step (a non-finite step is undone and counted, the epoch means of LOG_NAMES
+    are logged)."""
 
-    METRICS = ("loss", "global", "local", "prior",
-               "global_acc_pos", "global_acc_neg", "local_acc_pos", "local_acc_neg")
+    LOG_NAMES = ("loss", "global", "local", "prior",
+                 "global_acc_pos", "global_acc_neg", "local_acc_pos", "local_acc_neg")
 
     def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None,
                  sync_bn=False, negative_groups=1, local_size=LOCAL_MAP_SIZE, **kwargs):
@@ -310,17 +314,12 @@ class InfoMax(keras.Model):
         self.loss_weights_ = tuple(loss_weights)
         self.negative_groups = negative_groups  # negatives within blocks of each replica's part
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self.trackers = [guards.AppliedMean(name=name) for name in self.METRICS]
-        self.skipped = guards.SkippedSteps()
-
-    @property
-    def metrics(self):
-        return [*self.trackers, self.skipped]
+        self.init_trackers()
 
     def call(self, images, training=False):
         return self.encoder(images, training=training)[0]
 
-    def infomax_terms(self, images, training=False, global_perm=None, local_perm=None):
+    def loss_parts(self, images, training=False, global_perm=None, local_perm=None):
         """Sample z from the posterior, draw the two negative permutations, score the loss.
         On several replicas each scores its own part of the batch (with its rows of the global
         batch's noise), drawing negatives from that part."""
@@ -335,21 +334,6 @@ class InfoMax(keras.Model):
             local_perm = random_permutation(batch, self.seed_generator, self.negative_groups)
         return infomax_loss(self.global_discriminator, self.local_discriminator, z, mu, logvar,
                             local_map, global_perm, local_perm, self.loss_weights_)
-
-    def train_step(self, images):
-        """One Adam step, applied only if the loss and gradients are finite (else undone,
-        batch-norm statistics included, and counted in `skipped_steps`)."""
-        statistics = guards.snapshot(self.non_trainable_variables)
-        with tf.GradientTape() as tape:
-            terms = self.infomax_terms(images, training=True)
-            loss = distribute.replica_share(terms["loss"])  # the mean over the global batch
-        grads = tape.gradient(loss, self.trainable_variables)
-        applied = guards.apply_if_finite(self.optimizer, loss, grads, self.trainable_variables,
-                                         restore=statistics)
-        for tracker in self.trackers:
-            tracker.update_state(terms[tracker.name], applied)
-        self.skipped.update_state(applied)
-        return distribute.step_logs({metric.name: metric.result() for metric in self.metrics})
 
 
 def build_model(config):
@@ -366,16 +350,12 @@ def build_model(config):
 def benchmark_setup(dataset="cifar10", batch_size=64, quick=False):
     """For bench/bench.py: the model of `dataset` at SPEC.md's size, compiled as for training,
     and one batch of random images in the model's pixel range (batch 8 with `quick`)."""
-    config = resolve(Config(dataset=dataset, batch_size=8 if quick else batch_size))
-    config.jit_compile = bool(tf_setup.visible_gpus())
+    config = resolve(Config(dataset=dataset, batch_size=8 if quick else batch_size,
+                            jit_compile=bool(tf_setup.visible_gpus())))
     model = build_model(config)
     shape = (config.batch_size, config.img_size, config.img_size, 3)
     images = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
     return model, to_model_pixels(tf.constant(images), config.pixel_range)
-
-
-def count(weights):
-    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 def random_encoder(config):
@@ -384,6 +364,20 @@ def random_encoder(config):
 
 
 # =========================================================================== training
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """How a trained encoder is measured after training (`evaluate_encoder`): epochs of the
+    linear and MLP probes, whether to measure the randomly initialised encoder too, and N
+    for only the first N train and N/5 test images (None: all)."""
+    probe_epochs: int = 10
+    baseline: bool = True
+    eval_limit: int = None
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.probe_epochs, args.baseline, args.eval_limit)
+
 
 class SaveEncoder(keras.callbacks.Callback):
     """After every epoch: the encoder alone, `encoder.weights.h5` (loads into `build_encoder`).
@@ -404,7 +398,7 @@ class SaveEncoder(keras.callbacks.Callback):
 
 def train(config, out, evaluation):
     """Train (or resume) the run in `out`, then evaluate its encoder (metrics, pictures) as
-    `evaluation` says (its probe_epochs, baseline and eval_limit)."""
+    `evaluation` (an Evaluation) says."""
     def checked_data():
         training_set, test_set = load_data(config)
         if len(training_set[0]) < config.batch_size:
@@ -421,6 +415,7 @@ def train(config, out, evaluation):
 
         def build():
             model = build_model(config)
+            count = monitor.count_parameters
             print(f"parameters: {count(model.trainable_weights):,} trainable (feature extractor "
                   f"x -> mu {count(feature_extractor(model.encoder).trainable_weights):,}), "
                   f"{count(model.non_trainable_weights):,} batch-norm statistics")
@@ -477,21 +472,19 @@ def ablation(config, out, evaluation):
     the randomly initialised encoder measured once (`out/random`), then one table of k-NN and
     probe accuracies of mu and of the local map (ablation.md, .csv, .json) and one picture of
     each arm's cosine neighbours of the same query images side by side."""
-    arms = {"baseline": False, "probe_epochs": evaluation.probe_epochs,
-            "eval_limit": evaluation.eval_limit}
+    arms = dataclasses.replace(evaluation, baseline=False)
     encoders = {}
     for arm, weights in ABLATION.items():
         print(f"--- ablation arm {arm!r}: global {weights.get('global_weight', config.global_weight)}, "
               f"local {weights.get('local_weight', config.local_weight)}, prior "
               f"{config.prior_weight}", flush=True)
         arm_config = dataclasses.replace(config, **weights)
-        encoders[arm] = train(arm_config, os.path.join(out, arm), argparse.Namespace(**arms)).encoder
+        encoders[arm] = train(arm_config, os.path.join(out, arm), arms).encoder
     training_set, test_set = load_data(config)
     random_dir = common.ensure_writable_dir(os.path.join(out, "random"))
     print("--- the randomly initialised encoder (the arms' initial weights)", flush=True)
     encoders["random"] = random_encoder(config)
-    evaluate_encoder(random_dir, encoders["random"], config, training_set, test_set,
-                     argparse.Namespace(**arms))
+    evaluate_encoder(random_dir, encoders["random"], config, training_set, test_set, arms)
     rows = []
     for arm in encoders:
         metrics_path = os.path.join(out, arm, "metrics.json")
@@ -541,33 +534,38 @@ def load_run_config(out, weights):
         raise UsageError(f"--out {out!r}: no saved run there (expected config.json and "
                          f"{weights}.weights.h5)")
     config = cli.read_run_config(config_path, Config)
-    config.pixel_range = tuple(config.pixel_range)
-    config.jit_compile = False
-    return config, weights_path
+    return dataclasses.replace(config, pixel_range=tuple(config.pixel_range),
+                               jit_compile=False), weights_path
 
 
 def evaluate(args):
     """Rebuild the saved run's model from its config.json and weights; no training."""
     config, weights = load_run_config(args.out, args.weights)
-    config.data_dir = args.data_dir or config.data_dir
+    config = dataclasses.replace(config, data_dir=args.data_dir or config.data_dir)
     training_set, test_set = load_data(config)
     model = build_model(config)
     try:
         model.load_weights(weights)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{weights}: cannot load ({e})") from None
-    evaluate_encoder(args.out, model.encoder, config, training_set, test_set, args)
+    evaluate_encoder(args.out, model.encoder, config, training_set, test_set,
+                     Evaluation.from_args(args))
+
+
+def encoder_run_config(folder):
+    """(config, encoder weights path) of a trained run, or a one-line UsageError."""
+    if not os.path.isfile(os.path.join(folder, "encoder.weights.h5")) or not os.path.isfile(
+            os.path.join(folder, "config.json")):
+        raise UsageError(f"--out {folder!r}: no trained encoder there (expected config.json and "
+                         "encoder.weights.h5 from a training run)")
+    return load_run_config(folder, "encoder")
 
 
 def load_encoder(folder=PRETRAINED):
     """(encoder, config) of a run folder's config.json and encoder.weights.h5; by default the
     encoder shipped with the project (50 epochs on CIFAR-10, pretrained/dim-cifar10/). The
     encoder maps model pixels to (mu, logvar, local map); `embed` takes uint8 images."""
-    if not os.path.isfile(os.path.join(folder, "encoder.weights.h5")) or not os.path.isfile(
-            os.path.join(folder, "config.json")):
-        raise UsageError(f"--out {folder!r}: no trained encoder there (expected config.json and "
-                         "encoder.weights.h5 from a training run)")
-    config, weights = load_run_config(folder, "encoder")
+    config, weights = encoder_run_config(folder)
     encoder = build_encoder(config.img_size, config.z_dim, local_size=config.local_size)
     encoder.load_weights(weights)
     return encoder, config
@@ -578,45 +576,57 @@ def embed(images, encoder, config):
     return feature_eval.encode(encoder, np.asarray(images, np.uint8), pixel_scale(config))["mu"]
 
 
+def code_function(encoder, config):
+    """uint8 images (B, S, S, 3) -> mu (B, z_dim), in inference mode, one compiled graph for
+    every batch size (what search by image encodes with)."""
+    extractor = feature_extractor(encoder)
+    spec = tf.TensorSpec((None, config.img_size, config.img_size, 3), tf.uint8)
+    return tf.function(lambda images: extractor(to_model_pixels(images, config.pixel_range),
+                                                training=False), input_signature=[spec])
+
+
+def search_encoder(folder=PRETRAINED):
+    """The encoder of a trained run as search by image takes it (a search.Encoder): uint8
+    images to mu, fingerprinted by its encoder.weights.h5 and config; the weights are loaded
+    on the first images (an index that is up to date needs none)."""
+    config, weights = encoder_run_config(folder)
+
+    @functools.cache
+    def compiled():
+        return code_function(*load_encoder(folder))
+
+    return search.Encoder(
+        codes_of=lambda images: compiled()(images).numpy(),
+        fingerprint=search.fingerprint(weights, config.img_size, config.pixel_range, config.z_dim),
+        source=os.path.abspath(folder))
+
+
 def index(args):
-    """Index every image under --folder with the run's encoder (image_index.py), or bring
-    that index up to date."""
-    import image_index  # built on this file's encoder, so imported only by the commands
+    """Index every image under --folder with the run's encoder (search/), or bring that index
+    up to date."""
     sizes = {k: v for k, v in (("batch_size", args.batch_size),
                                ("commit_every", args.commit_every)) if v is not None}
-    image_index.Index.build(args.folder, args.out, args.index, approximate=args.approximate,
-                            metric=args.metric, **sizes)
+    search.Index.build(args.folder, search_encoder(args.out), args.index,
+                       approximate=args.approximate, metric=args.metric, **sizes)
 
 
-def search(args):
+def search_command(args):
     """The nearest indexed images (by mu) of each --query image: printed, drawn next to the
     query (search_<query>_<metric>.png) and written as CSV/JSON (--results). Against --index,
     or the index of --folder (in the run, or at --index), brought up to date first."""
-    import image_index
     if args.folder is not None:
         out = args.out or "runs/infomax"
-        found = image_index.Index.build(args.folder, out, args.index)
+        found = search.Index.build(args.folder, search_encoder(out), args.index)
     elif args.index is not None:
-        found = image_index.Index.open(args.index, args.out and os.path.abspath(args.out))
+        found = search.Index.open(args.index)
         out = args.out or found.encoder_folder
+        found.use_encoder(search_encoder(out))
     else:
         raise UsageError("search needs --index (an index) or --folder (a folder to index)")
     names, images = found.query_images(args.query)
     matches = found.search_codes(names, found.query_codes(images), args.top, args.metric,
                                  args.approximate)
-    image_index.print_matches(matches)
-    if args.approximate:
-        about = found.meta["approximate"]
-        print(f"approximate search: recall@{about['k']} {about['recall']:.3f} against the exact "
-              f"search, measured when it was built")
-    size = found.meta["fingerprint"]["img_size"]
-    for name, image, files in list(zip(names, images, matches.files))[:args.max_pictures]:
-        stem = os.path.splitext(os.path.basename(name))[0]
-        picture = os.path.join(out, f"search_{stem}_{args.metric}.png")
-        image_index.neighbour_picture(picture, image, files, size)
-        print(f"picture of {name}: {picture}")
-    results = args.results or os.path.join(out, "search_results.csv")
-    print(f"results: {image_index.write_matches(results, [matches])}")
+    search.report(found, matches, images, out, args.max_pictures, args.results)
     return matches
 
 
@@ -707,10 +717,10 @@ def parse_args(argv=None):
                              help="the folder of images to index (recursively)")
     add_index_flag(index_flags)
     index_flags.add_argument("--batch-size", type=int, default=None,
-                             help="images per encoder call (default: image_index.BATCH_SIZE, 256)")
+                             help="images per encoder call (default: search.index.BATCH_SIZE, 256)")
     index_flags.add_argument("--commit-every", type=int, default=None, metavar="N",
                              help="images between saved progress records, what a killed indexing "
-                                  "encodes again (default: image_index.COMMIT_EVERY, 8192)")
+                                  "encodes again (default: search.index.COMMIT_EVERY, 8192)")
     index_flags.add_argument("--approximate", action="store_true",
                              help="also build an approximate index (faiss, for millions of "
                                   "images) for --metric and measure its recall")
@@ -761,10 +771,11 @@ def main(argv=None):
     def command():
         args = parse_args(argv)
         if args.command in ("train", "ablation"):
-            {"train": train, "ablation": ablation}[args.command](args.config, args.out, args)
+            {"train": train, "ablation": ablation}[args.command](args.config, args.out,
+                                                                 Evaluation.from_args(args))
         else:
-            {"evaluate": evaluate, "index": index, "search": search, "encode": encode_folder,
-             "export": export}[args.command](args)
+            {"evaluate": evaluate, "index": index, "search": search_command,
+             "encode": encode_folder, "export": export}[args.command](args)
     return common.run_main(command)
 
 

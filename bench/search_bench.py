@@ -18,7 +18,7 @@ codes takes. Prints the numbers and the commands; no number is asserted.
    images (each in a fresh subprocess; peak resident memory, ru_maxrss), next to the
    process's peak before indexing (TensorFlow and the encoder loaded, one batch encoded).
 3. Query time: 1,000,000 synthetic 256-d codes (a mixture of 1,000 Gaussian clusters),
-   memory-mapped from a .npy file; the exact search (`code_search.exact_top_k`, k = 10) of
+   memory-mapped from a .npy file; the exact search (`search.nearest.exact_top_k`, k = 10) of
    one query (median of 20) and of a batch of 100 (median of 5), cosine and Euclidean, in
    wall-clock and in CPU time, checked against a brute-force numpy search; once with
    OpenBLAS' own thread count and once with OPENBLAS_NUM_THREADS=1 (on a machine shared
@@ -105,9 +105,10 @@ def write_untrained_run(folder, img_size):
 
 def forward_throughput(codes_of, img_size, batch_size=256, seconds=8.0):
     """(images/s, CPU microseconds per image) of the compiled encoder on one in-memory batch
-    of model pixels, called again and again for about `seconds` (after two untimed calls)."""
+    of uint8 images, called again and again for about `seconds` (after two untimed calls)."""
     import tensorflow as tf
-    images = tf.random.uniform((batch_size, img_size, img_size, 3), -1.0, 1.0)
+    images = tf.random.uniform((batch_size, img_size, img_size, 3), 0, 256, tf.int32)
+    images = tf.cast(images, tf.uint8)
     for _ in range(2):
         codes_of(images).numpy()
     calls, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -119,13 +120,12 @@ def forward_throughput(codes_of, img_size, batch_size=256, seconds=8.0):
 
 
 def throughput_worker(run, folder, index, img_size, forward_seconds):
-    import image_index
     import infomax
-    encoder, config = infomax.load_encoder(run)
-    codes_of = image_index.code_function(encoder, config)
+    from search import Index
+    codes_of = infomax.code_function(*infomax.load_encoder(run))
     before, cpu_before = forward_throughput(codes_of, img_size, seconds=forward_seconds)
     start, cpu = time.perf_counter(), time.process_time()
-    built = image_index.Index.build(folder, run, index, verbose=False)
+    built = Index.build(folder, infomax.search_encoder(run), index, verbose=False)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     after, cpu_after = forward_throughput(codes_of, img_size, seconds=forward_seconds)
     forward_cpu_us = min(cpu_before, cpu_after)
@@ -139,24 +139,25 @@ def throughput_worker(run, folder, index, img_size, forward_seconds):
 
 
 def memory_worker(run, folder, index):
-    import tensorflow as tf
-    import image_index
     import infomax
-    encoder, config = infomax.load_encoder(run)
-    image_index.code_function(encoder, config)(
-        tf.zeros((image_index.BATCH_SIZE, config.img_size, config.img_size, 3))).numpy()
+    from search import Index
+    from search.index import BATCH_SIZE
+    encoder = infomax.search_encoder(run)
+    encoder.codes_of(np.zeros((BATCH_SIZE, encoder.img_size, encoder.img_size, 3), np.uint8))
     loaded = peak_rss_mb()
     start = time.perf_counter()
-    built = image_index.Index.build(folder, run, index, verbose=False)
+    built = Index.build(folder, encoder, index, verbose=False)
     return {"images": len(built), "seconds": time.perf_counter() - start,
             "peak_rss_mb_before_indexing": loaded, "peak_rss_mb": peak_rss_mb(),
             "codes_mb": built.codes.nbytes / 2**20}
 
 
 def real_worker(run, folder, index):
-    import image_index
+    import infomax
+    from search import Index
     start = time.perf_counter()
-    built = image_index.Index.build(folder, run, index, approximate=True, verbose=False)
+    built = Index.build(folder, infomax.search_encoder(run), index, approximate=True,
+                        verbose=False)
     return {"images": len(built), "seconds": time.perf_counter() - start,
             **{k: built.meta["approximate"][k] for k in ("kind", "recall", "probes", "tried", "k")}}
 
@@ -165,7 +166,7 @@ def synthetic_codes(path, count, dim, seed=0, clusters=1000, chunk=100000):
     """A .npy of `count` codes from a mixture of `clusters` Gaussians (written in chunks,
     unless the file is there already) and a function drawing fresh points of the same
     mixture (the queries)."""
-    import image_index
+    from search import storage
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
 
@@ -175,10 +176,10 @@ def synthetic_codes(path, count, dim, seed=0, clusters=1000, chunk=100000):
 
     if os.path.isfile(path) and np.load(path, mmap_mode="r").shape == (count, dim):
         return draw
-    offset = image_index.create_code_file(path, count, dim)
+    offset = storage.create_code_file(path, count, dim)
     with open(path, "r+b") as f:
         for start in range(0, count, chunk):
-            image_index.write_rows(f, offset, start, draw(min(chunk, count - start)))
+            storage.write_rows(f, offset, start, draw(min(chunk, count - start)))
     return draw
 
 
@@ -196,22 +197,22 @@ def timed(call, repeats):
 def search_worker(folder, count, dim, approximate):
     """Exact query times (wall and CPU) against `count` synthetic codes, checked against
     brute force; faiss's with `approximate`."""
-    import code_search
+    from search import nearest
     path = os.path.join(folder, "codes.npy")
     draw = synthetic_codes(path, count, dim)
     codes = np.load(path, mmap_mode="r")
     start = time.perf_counter()
-    norms = code_search.row_norms(codes)
+    norms = nearest.row_norms(codes)
     result = {"codes": count, "dim": dim, "k": 10, "norms_seconds": time.perf_counter() - start,
               "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "all")}
     queries = draw(100)
-    for metric in code_search.METRICS:
-        code_search.exact_top_k(codes, queries[:1], 10, metric, norms)  # pages in the codes
-        one = np.array([timed(lambda q=q: code_search.exact_top_k(codes, q[None], 10, metric,
+    for metric in nearest.METRICS:
+        nearest.exact_top_k(codes, queries[:1], 10, metric, norms)  # pages in the codes
+        one = np.array([timed(lambda q=q: nearest.exact_top_k(codes, q[None], 10, metric,
                                                                   norms), 1)
                         for q in draw(20)])
-        batch = timed(lambda: code_search.exact_top_k(codes, queries, 10, metric, norms), 5)
-        rows, _ = code_search.exact_top_k(codes, queries, 10, metric, norms)
+        batch = timed(lambda: nearest.exact_top_k(codes, queries, 10, metric, norms), 5)
+        rows, _ = nearest.exact_top_k(codes, queries, 10, metric, norms)
         result[metric] = {"one_query_ms_median": 1000 * float(np.median(one[:, 0])),
                           "one_query_ms_min": 1000 * float(np.min(one[:, 0])),
                           "one_query_cpu_ms_median": 1000 * float(np.median(one[:, 2])),
@@ -236,22 +237,22 @@ def brute_force(codes, queries, k, metric):
 
 
 def faiss_numbers(codes, queries, norms, draw, metric="cosine"):
-    import code_search
+    from search import nearest
     start = time.perf_counter()
-    index = code_search.build_approximate(codes, metric)
+    index = nearest.build_approximate(codes, metric)
     build_seconds = time.perf_counter() - start
-    recall = code_search.measure_recall(index, codes, metric, norms=norms)
-    exact, _ = code_search.exact_top_k(codes, queries, 10, metric, norms)
-    found, _ = code_search.approximate_top_k(index, queries, 10, metric, recall["probes"])
+    recall = nearest.measure_recall(index, codes, metric, norms=norms)
+    exact, _ = nearest.exact_top_k(codes, queries, 10, metric, norms)
+    found, _ = nearest.approximate_top_k(index, queries, 10, metric, recall["probes"])
     fresh = draw(20)
-    one = [timed(lambda q=q: code_search.approximate_top_k(
+    one = [timed(lambda q=q: nearest.approximate_top_k(
         index, q[None], 10, metric, recall["probes"]), 1)[0] for q in fresh]
-    batch = timed(lambda: code_search.approximate_top_k(
+    batch = timed(lambda: nearest.approximate_top_k(
         index, queries, 10, metric, recall["probes"]), 5)[0]
     return {"kind": f"IVF{index.nlist},Flat", "metric": metric, "build_seconds": build_seconds,
             "probes": recall["probes"], "recall_at_10_rows_as_queries": recall["recall"],
             "recall_tried": recall["tried"],
-            "recall_at_10_fresh_queries": code_search.recall_at_k(exact, found),
+            "recall_at_10_fresh_queries": nearest.recall_at_k(exact, found),
             "one_query_ms_median": 1000 * float(np.median(one)), "batch_100_s_median": batch}
 
 

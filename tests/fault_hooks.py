@@ -6,7 +6,7 @@ real data stream and the real save, turned on by environment variables.
   the real compiled step sees a non-finite loss, gradients and batch statistics.
 - TEST_PAUSE_IN_SAVE=EPOCH:SECONDS: the end-of-epoch saves of that epoch pause between
   writing the temporary file and renaming it, so that a test can kill the process there.
-- TEST_PAUSE_IN_INDEX_COMMIT=IMAGES:SECONDS: an indexing (image_index.py) pauses before it
+- TEST_PAUSE_IN_INDEX_COMMIT=IMAGES:SECONDS: an indexing (search/update.py) pauses before it
   commits the progress record that marks IMAGES or more images encoded (their codes are
   written, the record not yet), so that a test can kill the process there.
 
@@ -34,7 +34,7 @@ INDEX_PAUSE_ENV = "TEST_PAUSE_IN_INDEX_COMMIT"
 
 def install():
     """Wrap `datasets.finish_stream` and `training.checkpoint.commit` (once), and
-    `image_index.commit_progress` when TEST_PAUSE_IN_INDEX_COMMIT asks for it."""
+    `search.update.commit_progress` when TEST_PAUSE_IN_INDEX_COMMIT asks for it."""
     if os.environ.get(INDEX_PAUSE_ENV):
         install_index_pause()
     import tensorflow as tf
@@ -70,12 +70,12 @@ def install():
 
 
 def install_index_pause():
-    """Pause in `image_index.commit_progress` as TEST_PAUSE_IN_INDEX_COMMIT says (once)."""
-    import image_index
+    """Pause in `search.update.commit_progress` as TEST_PAUSE_IN_INDEX_COMMIT says (once)."""
+    from search import update
 
-    if getattr(image_index.commit_progress, "fault_hook", False):
+    if getattr(update.commit_progress, "fault_hook", False):
         return
-    commit_progress = image_index.commit_progress
+    commit_progress = update.commit_progress
     images, seconds = os.environ[INDEX_PAUSE_ENV].split(":")
 
     def pausing_commit_progress(update_dir, progress):
@@ -86,7 +86,7 @@ def install_index_pause():
         return commit_progress(update_dir, progress)
 
     pausing_commit_progress.fault_hook = True
-    image_index.commit_progress = pausing_commit_progress
+    update.commit_progress = pausing_commit_progress
 
 
 if __name__ == "__main__":

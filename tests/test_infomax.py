@@ -1,7 +1,6 @@
 """Properties of infomax.py (Deep InfoMax with a KL prior, SPEC.md section 2)."""
 
 import csv
-import io
 import json
 import os
 import pickle
@@ -19,13 +18,10 @@ import infomax
 from conftest import SHARED_DATA
 import datasets
 import feature_eval
+from training.monitor import count_parameters
 
 CIFAR_SUBSET = os.path.join(SHARED_DATA, "cifar10-subset")
 TINY_IMAGENET = os.path.join(SHARED_DATA, "tiny-imagenet-200")
-
-
-def trainable(weights):
-    return sum(int(np.prod(w.shape)) for w in weights)
 
 
 def small_model(seed=0, img_size=8, z_dim=8):
@@ -91,7 +87,7 @@ def test_a_zero_loss_weight_removes_that_terms_gradient_from_the_encoder(zeroed)
     perms = np.array([3, 0, 5, 1, 7, 2, 4, 6]), np.array([1, 2, 0, 4, 5, 3, 7, 6])
     variables = model.encoder.trainable_variables
     with tf.GradientTape(persistent=True) as tape:
-        terms = model.infomax_terms(images, training=True, global_perm=perms[0],
+        terms = model.loss_parts(images, training=True, global_perm=perms[0],
                                     local_perm=perms[1])
         kept = sum(w * terms[name] for name, w in weights.items() if name != zeroed)
     for got, expected, of_zeroed in zip(tape.gradient(terms["loss"], variables),
@@ -117,7 +113,7 @@ def test_posterior_noise_has_standard_deviation_exp_half_logvar(monkeypatch):
 
     monkeypatch.setattr(infomax, "infomax_loss", spy)
     images = np.random.default_rng(1).uniform(-1, 1, (2048, 8, 8, 3)).astype("float32")
-    model.infomax_terms(images, training=True)
+    model.loss_parts(images, training=True)
     np.testing.assert_allclose(seen["logvar"], np.broadcast_to(2 * np.log(std), (2048, 8)),
                                rtol=1e-6, atol=1e-6)
     noise = seen["z"] - seen["mu"]
@@ -146,11 +142,11 @@ def test_training_loss_scores_negatives_with_the_drawn_permutations():
     local_perm = infomax.random_permutation(8, replay)
     assert not np.array_equal(np.asarray(global_perm), np.arange(8))
 
-    terms = drawn.infomax_terms(images)
-    same = replayed.infomax_terms(images, global_perm=global_perm, local_perm=local_perm)
+    terms = drawn.loss_parts(images)
+    same = replayed.loss_parts(images, global_perm=global_perm, local_perm=local_perm)
     np.testing.assert_allclose(float(terms["loss"]), float(same["loss"]), rtol=1e-6)
 
-    identity = small_model(seed=5).infomax_terms(images, global_perm=np.arange(8),
+    identity = small_model(seed=5).loss_parts(images, global_perm=np.arange(8),
                                                  local_perm=np.arange(8))
     assert abs(float(identity["loss"]) - float(terms["loss"])) > 1e-4
 
@@ -170,9 +166,9 @@ def test_a_few_steps_lower_the_loss():
     ("tiny-imagenet", 2_228_482, 1_636_352, 1_984)])
 def test_parameter_counts_equal_spec(dataset, total, encoder, bn_stats):
     model = infomax.build_model(infomax.parse_args(["--dataset", dataset, "--no-jit"]).config)
-    assert trainable(model.trainable_weights) == total
-    assert trainable(infomax.feature_extractor(model.encoder).trainable_weights) == encoder
-    assert trainable(model.non_trainable_weights) == bn_stats
+    assert count_parameters(model.trainable_weights) == total
+    assert count_parameters(infomax.feature_extractor(model.encoder).trainable_weights) == encoder
+    assert count_parameters(model.non_trainable_weights) == bn_stats
     assert model.encoder.outputs[2].shape[1:] == (4, 4, 256)
 
 
@@ -184,11 +180,11 @@ def test_local_size_8_pairs_z_with_the_8x8_map_of_the_stage_before_the_last_pool
     model = infomax.build_model(config)
     assert model.encoder.outputs[2].shape[1:] == (8, 8, 128)
     assert model.local_discriminator.input_shape[1:] == (8, 8, 256 + 128)
-    assert trainable(model.trainable_weights) == 2_210_818 - 128 * 256
+    assert count_parameters(model.trainable_weights) == 2_210_818 - 128 * 256
     stages = [layer.output for layer in model.encoder.layers
               if isinstance(layer, keras.layers.MaxPooling2D)]
     assert model.encoder.outputs[2] is stages[1]  # the second of three poolings, not the last
-    terms = model.infomax_terms(np.zeros((4, 32, 32, 3), "float32"), training=True)
+    terms = model.loss_parts(np.zeros((4, 32, 32, 3), "float32"), training=True)
     assert np.isfinite(float(terms["local"]))
 
 

@@ -91,7 +91,7 @@ def test_infomax_model_uses_the_configured_rate_and_loss_weights():
     assert isinstance(model.optimizer, keras.optimizers.Adam)
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
     images = np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 3)).astype("float32")
-    terms = {k: float(v) for k, v in model.infomax_terms(images).items()}
+    terms = {k: float(v) for k, v in model.loss_parts(images).items()}
     assert min(terms["global"], terms["local"], terms["prior"]) > 1e-3  # all three count
     assert terms["loss"] == pytest.approx(
         0.5 * terms["global"] + 1.5 * terms["local"] + 0.01 * terms["prior"], rel=1e-6)

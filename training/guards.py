@@ -157,11 +157,11 @@ class NonFiniteRollback(keras.callbacks.Callback):
 
 
 class GuardedModel(keras.Model):
-    """A model trained on the per-example "loss" of its `loss_parts(x, training)`: one Adam
-    step on the mean over the global batch, applied only if the loss and gradients are finite
-    (else the step, batch-norm statistics included, is undone and counted as skipped), with
-    the epoch means of every part in LOG_NAMES. Call `init_trackers()` at the end of
-    `__init__`."""
+    """A model trained on the "loss" of its `loss_parts(x, training)` (per example, or already
+    the batch's mean): one Adam step on the mean over the global batch, applied only if the
+    loss and gradients are finite (else the step, batch-norm statistics included, is undone
+    and counted as skipped), with the epoch means of every part in LOG_NAMES. The f-VAE, Glow
+    and InfoMax train through it. Call `init_trackers()` at the end of `__init__`."""
 
     LOG_NAMES = ("loss",)
 
@@ -185,7 +185,10 @@ class GuardedModel(keras.Model):
         statistics = snapshot(self.non_trainable_variables)
         with tf.GradientTape() as tape:
             parts = self.loss_parts(x, training=True)
-            loss = distribute.replica_share(ops.mean(parts["loss"]))  # mean over the global batch
+            loss = parts["loss"]
+            if len(loss.shape):  # per example (a mean already is used as it is)
+                loss = ops.mean(loss)
+            loss = distribute.replica_share(loss)  # the mean over the global batch
         gradients = tape.gradient(loss, self.trainable_variables)
         applied = apply_if_finite(self.optimizer, loss, gradients, self.trainable_variables,
                                   restore=statistics)

@@ -3,7 +3,7 @@ and an optional approximate index (faiss) whose recall against the exact search 
 
 Scores are "higher is nearer": the cosine similarity, or for the Euclidean metric
 2 q.b - |b|^2 (= |q|^2 - |q - b|^2, the same order as the distance); `distances` turns the
-latter back into |q - b|. Nothing here knows about images; image_index.py does.
+latter back into |q - b|. Nothing here knows about images; the rest of search/ does.
 """
 
 import numpy as np
