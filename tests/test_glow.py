@@ -16,6 +16,7 @@ from conftest import ROOT
 from test_f_vaes import randomise
 from test_same_weights import write_pictures
 import glow
+from training.monitor import count_parameters
 
 
 def tiny_glow(seed=0, img_size=8, level=2, depth=2, width=8):
@@ -100,7 +101,7 @@ def test_paper_configuration_parameter_count():
         step = 2 * c + (9 * half * 512 + 512) + (512 * 512 + 512) + (9 * 512 * half + half)
         expected += 10 * step + ((9 * half * c + c) if level < 2 else 0)
     model = glow.build_model(glow.Config(img_size=64, seed=0))
-    assert glow.f_vaes.count(model.trainable_weights) == expected == 11_771_232
+    assert count_parameters(model.trainable_weights) == expected == 11_771_232
 
 
 def test_command_line_trains_resumes_and_runs_the_commands(tmp_path):
