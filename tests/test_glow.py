@@ -16,6 +16,7 @@ from conftest import ROOT
 from test_f_vaes import randomise
 from test_same_weights import write_pictures
 import glow
+from layers import MultiScaleFlow
 from training.monitor import count_parameters
 
 
@@ -67,6 +68,33 @@ def test_loss_is_specs_formula_and_noise_is_added_in_training_only():
     assert not np.allclose(noisy, parts["loss"])
     # U(0, 1/256) moves every pixel by less than 1/256: the loss moves by a small amount
     assert np.abs(noisy - parts["loss"]).max() < 0.05 * np.abs(parts["loss"]).max()
+
+
+def test_training_noise_reaching_the_flow_is_uniform_on_0_to_1_over_256(monkeypatch):
+    """The author's dequantisation: the flow sees x + U(0, 1/256) in training, x itself
+    otherwise. Read at the flow's input, for x = 0 the noise is exact: all of it in
+    [0, 1/256), its maximum near 1/256 and its mean 1/512 within 5 standard errors."""
+    model = tiny_glow(seed=7)
+    seen = []
+    flow_call = MultiScaleFlow.call
+
+    def spy(flow, x):
+        seen.append(np.asarray(x))
+        return flow_call(flow, x)
+
+    monkeypatch.setattr(MultiScaleFlow, "call", spy)
+    x = np.zeros((64, 8, 8, 3), "float32")
+    model.loss_parts(x, training=True)
+    noise = seen[-1].ravel()
+    width, n = 1.0 / 256, noise.size
+    assert noise.min() >= 0.0 and noise.max() < width
+    assert noise.max() > width * (1 - 20 / n)  # P(max below) = (1 - 20/n)^n ~ e^-20
+    standard_error = width / np.sqrt(12 * n)
+    assert abs(noise.mean() - width / 2) < 5 * standard_error
+
+    clean = images(4, seed=8)
+    model.loss_parts(clean, training=False)
+    np.testing.assert_array_equal(seen[-1], clean)
 
 
 def test_collapse_rule_reloads_the_best_weights_with_a_lower_rate(tmp_path):
