@@ -21,6 +21,7 @@ import f_vaes
 import face_runs
 import image_files
 import infomax
+import pictures
 
 TINY_FVAE = ["--img-size", "16", "--level", "2", "--depth", "1", "--res-steps", "1",
              "--coupling-width", "8", "--batch-size", "4", "--steps-per-epoch", "4",
@@ -126,7 +127,7 @@ def test_a_run_and_its_images_can_move(fvae_run, tmp_path):
 
 
 def test_notebook_api_samples_encodes_decodes_and_scores(fvae_run):
-    home, run, pictures, _ = fvae_run
+    _, run, _, _ = fvae_run
     model = f_vaes.FVAE.from_run(str(run))
     images = model.sample(6, temperature=0.8, seed=3)
     assert images.dtype == np.uint8 and images.shape == (6, 16, 16, 3)
