@@ -69,8 +69,7 @@ def test_an_old_run_samples_and_resumes_one_more_epoch(old_run):
     name, run = old_run
     script = SCRIPTS[name]
     assert script.main(["sample", "--out", name, "--rows", "2", "--cols", "2"]) == 0
-    temperature = face_runs.SampleGrids.TEMPERATURES[0] if name == "fvae16" else 0.9
-    assert (run / f"sample_T{temperature}.png").is_file()
+    assert (run / f"sample_T{MODELS[name].temperatures[0]}.png").is_file()
 
     assert script.main([*TRAIN_FLAGS[name], "--epochs", "2", "--out", name]) == 0
     state = json.loads((run / "state.json").read_text())
