@@ -22,8 +22,7 @@ VAE is the f-VAE's encoder and decoder with 122 residual steps per block instead
 width 512 (9,417,660); VAE 11 residual steps (8,707,874).
 """
 
-import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ import common
 import pictures
 import cli
 import f_vaes
+import face_runs
 import glow
 from feature_eval import label_strip
 from training import monitor
@@ -57,6 +57,7 @@ PRESETS = {
                          "vae": ["--level", "2", "--res-steps", "1", "--posterior", "gaussian"]}),
 }
 SCRIPTS = {"fvae": f_vaes, "glow": glow, "vae": f_vaes}
+MODELS = {"fvae": f_vaes.FVAE_RUNS, "glow": glow.GLOW_RUNS, "vae": f_vaes.FVAE_RUNS}
 
 
 def train_argv(preset, name, args):
@@ -99,7 +100,7 @@ def compare(args):
                 "seconds_per_step": seconds / preset["steps_per_epoch"],
                 "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
                 "held_out_images": evaluated["images"],
-                "trainable_parameters": trainable_parameters(script, run_dir)})
+                "trainable_parameters": trainable_parameters(MODELS[name], run_dir)})
             common.write_json(results_path, results)
     write_outputs(args.out, results, preset)
     for name in ("fvae", "vae"):
@@ -108,11 +109,11 @@ def compare(args):
     return results
 
 
-def trainable_parameters(script, run_dir):
-    config = cli.config_from_json(script.Config, common.read_json(
+def trainable_parameters(face_model, run_dir):
+    config = cli.config_from_json(face_model.config_class, common.read_json(
         os.path.join(run_dir, "config.json")))
-    config.jit_compile = False
-    return f_vaes.count(script.build_model(config).trainable_weights)
+    config = dataclasses.replace(config, jit_compile=False)
+    return monitor.count_parameters(face_model.build(config).trainable_weights)
 
 
 def write_outputs(out, results, preset):
@@ -153,13 +154,12 @@ def write_outputs(out, results, preset):
     pyplot.close(figure)
 
     blocks = []
-    for name, script in SCRIPTS.items():
+    for name, face_model in MODELS.items():
         run_dir = os.path.join(out, name)
         if not os.path.exists(os.path.join(run_dir, "latest.weights.h5")):
             continue
-        _, model = f_vaes.load_run(argparse.Namespace(out=run_dir, weights="latest"),
-                                   script.Config, script.build_model)
-        samples = [f_vaes.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
+        _, model = face_runs.load_run(face_model, run_dir, "latest")
+        samples = [face_runs.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
         grid = pictures.image_grid(np.concatenate(samples), 2, 8)
         label = f"{name}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for every model
         blocks.append(np.concatenate([label_strip(grid.shape[1], 24, [(label, 0)]), grid]))
@@ -182,7 +182,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="the same for every model")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
-    args.data_dir = args.data_dir or os.path.relpath(f_vaes.DEFAULT_DATA[64])
+    args.data_dir = args.data_dir or os.path.relpath(face_runs.DEFAULT_DATA[64])
     cli.check_at_least(args, 1, "holdout")
     if not os.path.isdir(args.data_dir):
         raise common.UsageError(f"--data-dir {args.data_dir!r}: no such folder (a folder of "

@@ -4,7 +4,7 @@ paper (SPEC.md, "Glow, as in the same author's repository"), on this project's f
     x = pixels x/255*2-1, plus U(0, 1/256) noise in training only (the author's dequantisation)
     level i = 0..L-1:  Squeeze; K steps of ActNorm -> Permute -> additive coupling (width 512);
                        if i < L-1: split, CondActNorm on x2 given x1, x2 set aside, go on with x1
-                       (f_vaes.MultiScaleFlow with squeeze_first)
+                       (layers.MultiScaleFlow with squeeze_first)
     z = concat(set-aside parts, flatten(ActNorm(x)))            D = S*S*3 numbers
     loss = 0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet              nats per image
 
@@ -17,6 +17,7 @@ sets the learning rate to 1e-5 (CollapseRule).
 
 Bits/dim follow the f-VAE's convention (f_vaes.py): `evaluate` scores held-out images
 dequantised as (x_int + U(0, 1)) / 256 * 2 - 1 and reports (nll + D*log(128)) / (D*ln 2).
+Training, sample grids and the commands on a run are the f-VAE's (face_runs.py).
 """
 
 import dataclasses
@@ -28,20 +29,21 @@ import numpy as np
 import keras
 from keras import ops
 
-import pictures
 import cli
-import f_vaes
-from common import UsageError
+import face_runs
+import pictures
 from cli import option
-from f_vaes import LOG_2PI, MultiScaleFlow, bits_per_dim, scale_pixels
-from speedups import FusedAdam
+from common import UsageError
+from face_runs import LOG_2PI, FaceRunSettings, bits_per_dim, scale_pixels
+from layers import MultiScaleFlow
 from training import distribute, guards
+from training.monitor import count_parameters
 
 # =========================================================================== config
 
 
 @dataclasses.dataclass
-class Config(f_vaes.FaceRunSettings):
+class Config(FaceRunSettings):
     """The author's glow.py (defaults); the schedule and data flags are the f-VAE's."""
     img_size: int = option(64, "S: a multiple of 2^level (the author's script: 64)")
     batch_size: int = option(64, "images per step (the author's data generator: 64)")
@@ -79,7 +81,7 @@ def glow_loss(z, logdet, dims):
 
 class Glow(guards.GuardedModel):
     """The flow and its loss; the same picture interface as f_vaes.FVAE (`latent`,
-    `generate`, `latent_dims`), so that f_vaes' commands on a run work on it unchanged."""
+    `generate`, `latent_dims`), so that the commands on a run (face_runs) work on it."""
 
     LOG_NAMES = ("loss", "prior", "logdet", "bits_per_dim")
 
@@ -124,23 +126,11 @@ def build_model(config, verbose=False):
     """The Glow of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = Glow(config.img_size, config.level, config.depth, config.coupling_width,
                  config.seed, name="glow")
-    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
-    model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
-    model.optimizer.build(model.trainable_variables)
-    if verbose:
-        print(f"Glow trainable parameters: {f_vaes.count(model.trainable_weights):,}", flush=True)
-    return model
+    return face_runs.compile_model(model, config, parameter_report if verbose else None)
 
 
-def benchmark_setup(img_size=64, batch_size=64, quick=False):
-    """For bench/bench.py: the author's Glow at `img_size` (a tiny one with `quick`), compiled
-    as for training, and one batch of random images in [-1, 1]."""
-    config = Config(img_size=img_size, batch_size=batch_size, seed=0)
-    if quick:
-        config = dataclasses.replace(config, depth=2, coupling_width=32, batch_size=4)
-    model = build_model(config)
-    shape = (config.batch_size, img_size, img_size, 3)
-    return model, ops.convert_to_tensor(np.random.RandomState(0).uniform(-1, 1, shape), "float32")
+def parameter_report(model):
+    return [f"Glow trainable parameters: {count_parameters(model.trainable_weights):,}"]
 
 
 # =========================================================================== training
@@ -171,32 +161,20 @@ class CollapseRule(keras.callbacks.Callback):
                   file=sys.stderr, flush=True)
 
 
-def train(config, out):
-    """Train (or resume) the run in `out`, as f_vaes.train does, with the collapse rule and
-    samples at T = 0.9."""
-    return f_vaes.train(config, out, build_model, Config.MODEL_KEYS, temperatures=(0.9,),
-                        monitors=[lambda run_dir: CollapseRule(run_dir, config.collapse_lr)])
+# =========================================================================== training and pictures
+# As the f-VAE's (face_runs.py), with the collapse rule and samples at T = 0.9.
 
+COMMANDS = {name: face_runs.COMMANDS[name]
+            for name in ("train", "sample", "interpolate", "sweep", "evaluate")}
 
-# =========================================================================== command line
+GLOW_RUNS = face_runs.FaceModel(
+    name="glow", config_class=Config, check=check_config, build=build_model, doc=__doc__,
+    commands=COMMANDS, temperatures=(0.9,),
+    monitors=(lambda run_dir, config: CollapseRule(run_dir, config.collapse_lr),),
+    quick=dict(depth=2, coupling_width=32, batch_size=4))
 
-COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
-            "sample": "9x9 grids of samples at each temperature",
-            "interpolate": "interpolations in z between two and between four real images",
-            "sweep": "the same noise at a row of temperatures",
-            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images"}
-
-
-def parse_args(argv=None):
-    return f_vaes.parse_args(argv, __doc__, COMMANDS, Config, "glow", temperatures=(0.9,))
-
-
-def train_config(args):
-    return f_vaes.train_config(args, Config, check_config, "glow")
-
-
-def main(argv=None):
-    return f_vaes.main(argv, script=sys.modules[__name__])
+main = GLOW_RUNS.main  # train, sample, interpolate, sweep, evaluate: `python glow.py --help`
+benchmark_setup = GLOW_RUNS.benchmark_setup  # bench/bench.py's model and batch
 
 
 if __name__ == "__main__":

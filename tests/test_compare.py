@@ -1,6 +1,7 @@
 """compare.py, the f-VAE paper's experiment: at tiny sizes it writes every output; its
 presets match the models' trainable parameters within 15 %."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,20 +15,20 @@ from conftest import ROOT
 from test_same_weights import write_pictures
 import cli
 import compare
-import f_vaes
-import glow
+import face_runs
+from training.monitor import count_parameters
 
 
 def counts(preset):
     """Trainable parameters of the preset's three models, built from their command lines."""
     found = {}
-    for name, script in compare.SCRIPTS.items():
-        args = script.parse_args([*compare.PRESETS[preset]["models"][name],
-                                  "--img-size", str(compare.PRESETS[preset]["img_size"]),
-                                  "--seed", "0", "--out", "unused"])
-        config = cli.config_from_args(script.Config, args)
-        config.jit_compile = False
-        found[name] = f_vaes.count(script.build_model(config).trainable_weights)
+    for name, face_model in compare.MODELS.items():
+        args = face_runs.parse_args(face_model, [
+            *compare.PRESETS[preset]["models"][name],
+            "--img-size", str(compare.PRESETS[preset]["img_size"]), "--seed", "0", "--out", "unused"])
+        config = cli.config_from_args(face_model.config_class, args)
+        config = dataclasses.replace(config, jit_compile=False)
+        found[name] = count_parameters(face_model.build(config).trainable_weights)
     return found
 
 

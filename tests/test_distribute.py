@@ -27,6 +27,7 @@ import training.checkpoint
 import training.distribute
 import training.run
 import f_vaes
+import face_runs
 import infomax
 
 PYTHON = [sys.executable]
@@ -330,7 +331,7 @@ def test_two_workers_get_complementary_halves_of_the_same_global_batches(start, 
     batch, worker 1 the second, and together they are the batch one device gets."""
     write_faces(tmp_path / "faces")
     files = sorted(str(p) for p in (tmp_path / "faces").iterdir())
-    streams = [datasets.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=3, start=start),
+    streams = [datasets.image_stream(files, 16, 4, face_runs.scale_pixels, seed=3, start=start),
                infomax.training_stream(np.arange(12 * 48, dtype="uint8").reshape(12, 4, 4, 3),
                                        4, (-1.0, 1.0), seed=3, start=start)]
     for stream in streams:

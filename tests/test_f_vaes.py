@@ -19,7 +19,9 @@ import image_files
 import datasets
 import training.checkpoint
 import f_vaes
-from f_vaes import FVAE, Config, MultiScaleFlow, fvae_loss, general_posterior_loss
+import face_runs
+from f_vaes import FVAE, Config, fvae_loss, general_posterior_loss
+from layers import MultiScaleFlow
 
 TINY = dict(img_size=16, level=2, depth=1, res_steps=1, coupling_width=8)
 TINY_FLAGS = ["--img-size", "16", "--level", "2", "--depth", "1", "--res-steps", "1",
@@ -245,9 +247,9 @@ def test_reduces_to_a_plain_flow_on_noise_augmented_inputs():
 def test_bits_per_dim_convention():
     """A uniform density on [-1, 1]^D (nll = D log 2 nats) is 8 bits/dim of 8-bit data."""
     dims = 48
-    assert f_vaes.bits_per_dim(dims * math.log(2.0), dims) == pytest.approx(8.0)
+    assert face_runs.bits_per_dim(dims * math.log(2.0), dims) == pytest.approx(8.0)
     x = np.array([0.0, 127.0, 255.0])
-    y = f_vaes.dequantise(tf.constant(x)).numpy()
+    y = face_runs.dequantise(tf.constant(x)).numpy()
     assert np.all(y > -1) and np.all(y < 1) and np.all((y + 1) / 2 * 256 - x >= 0)
     assert np.all((y + 1) / 2 * 256 - x < 1)
 
@@ -278,7 +280,7 @@ def test_sampling_scales_noise_by_temperature():
     model = RecordingModel()
     drawn = {}
     for t in (1.0, 0.8, 0.5, 0.0):
-        images = f_vaes.sample_images(model, 100, t, seed=3)
+        images = face_runs.sample_images(model, 100, t, seed=3)
         drawn[t] = model.drawn()
         assert images.shape == (100, 16, 16, 3) and drawn[t].shape == (100, 16 * 16 * 3)
     for t in (1.0, 0.8, 0.5):
@@ -287,7 +289,7 @@ def test_sampling_scales_noise_by_temperature():
         assert abs(np.mean(np.abs(z) < t) - 0.6827) < 0.01  # Gaussian, not some other shape
         np.testing.assert_allclose(drawn[t], t * drawn[1.0], rtol=1e-6)
     np.testing.assert_array_equal(drawn[0.0], 0.0)
-    f_vaes.sample_images(model, 100, 1.0, seed=4)
+    face_runs.sample_images(model, 100, 1.0, seed=4)
     assert not np.allclose(model.drawn(), drawn[1.0])  # another seed, another draw
 
 
@@ -295,9 +297,9 @@ def test_sweep_rows_share_one_noise_and_columns_scale_it(tmp_path):
     """`sweep`: one row per noise draw, one column per temperature, z = T * eps with eps fixed
     per row and independent across rows."""
     model = RecordingModel()
-    args = f_vaes.parse_args(["sweep", "--out", str(tmp_path), "--rows", "3", "--sweep",
-                              "0,0.5,1.0,2.0"])
-    f_vaes.command_sweep(args, Config(img_size=16), model)
+    args = face_runs.parse_args(f_vaes.FVAE_RUNS, ["sweep", "--out", str(tmp_path), "--rows", "3",
+                                                    "--sweep", "0,0.5,1.0,2.0"])
+    face_runs.command_sweep(args, Config(img_size=16), model)
     z = model.drawn().reshape(3, 4, 16 * 16 * 3)
     np.testing.assert_array_equal(z[:, 0], 0.0)
     for column, t in enumerate((0.5, 1.0, 2.0), start=1):
@@ -352,10 +354,10 @@ def test_image_size_error_exits_before_building(tmp_path):
 
 def test_held_out_files_are_the_last_of_the_sorted_list():
     files = [f"{i:03d}.png" for i in range(10)]
-    assert f_vaes.split_files(files, 3) == (files[:7], files[7:])
-    assert f_vaes.split_files(files, 0) == (files, [])
+    assert face_runs.split_files(files, 3) == (files[:7], files[7:])
+    assert face_runs.split_files(files, 0) == (files, [])
     with pytest.raises(common.UsageError, match="--holdout 10"):
-        f_vaes.split_files(files, 10)
+        face_runs.split_files(files, 10)
 
 
 # --------------------------------------------------------------------------- training
@@ -460,8 +462,7 @@ def test_training_run_writes_its_outputs(tiny_run):
 
 def test_resumed_run_continues_with_the_same_weights(tiny_run):
     argv, run = tiny_run
-    _, trained = f_vaes.load_run(f_vaes.parse_args(["sample", "--out", str(run),
-                                                    "--weights", "latest"]))
+    _, trained = face_runs.load_run(f_vaes.FVAE_RUNS, str(run), "latest")
     saved = [w.numpy() for w in trained.weights]
     resumed = f_vaes.build_model(Config(seed=99, lr=1e-4, **TINY))  # other seed: other permutations
     start = training.checkpoint.RunCheckpoint(str(run)).restore(resumed)
@@ -511,11 +512,11 @@ def test_evaluate_reports_the_mean_loss_and_its_bits_per_dim(tiny_run, tmp_path,
     (tmp_path / "eval").mkdir()
     for i, image in enumerate(pixels):
         iio.imwrite(tmp_path / "eval" / f"{i}.png", image)
-    monkeypatch.setattr(f_vaes, "dequantise", lambda x: (tf.round(x) + 0.5) / 128.0 - 1.0)
+    monkeypatch.setattr(face_runs, "dequantise", lambda x: (tf.round(x) + 0.5) / 128.0 - 1.0)
     assert f_vaes.main(["evaluate", "--out", str(run), "--eval-dir", str(tmp_path / "eval")]) == 0
     result = json.loads((run / "evaluate.json").read_text())
 
-    _, model = f_vaes.load_run(f_vaes.parse_args(["evaluate", "--out", str(run)]))
+    _, model = face_runs.load_run(f_vaes.FVAE_RUNS, str(run))
     y = ((pixels.astype("float64") + 0.5) / 128.0 - 1.0).astype("float32")
     batches = [model.loss_parts(y[:4]), model.loss_parts(y[4:])]
     dims = 16 * 16 * 3
@@ -567,6 +568,6 @@ def test_bad_paths_are_one_line_errors(tmp_path, capsys):
 def test_real_faces_load_as_the_model_expects():
     files = image_files.list_image_files(os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
     assert len(files) == 10000
-    batch = next(iter(datasets.image_dataset(files[:8], 64, 8, f_vaes.scale_pixels)))
+    batch = next(iter(datasets.image_dataset(files[:8], 64, 8, face_runs.scale_pixels)))
     assert batch.shape == (8, 64, 64, 3)
     assert -1.0 <= float(tf.reduce_min(batch)) < -0.5 and 0.5 < float(tf.reduce_max(batch)) <= 1.0

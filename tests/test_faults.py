@@ -39,6 +39,7 @@ import training.checkpoint
 import training.guards
 import training.run
 import f_vaes
+import face_runs
 import infomax
 from test_common import write_messy_folder
 from test_f_vaes import TINY_FLAGS
@@ -243,7 +244,7 @@ def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
         model = f_vaes.build_model(f_vaes.Config(seed=0, img_size=16, level=2, depth=1,
                                                  res_steps=1, coupling_width=8))
         files = [str(p) for p in sorted(write_faces(tmp_path / "faces").glob("*.png"))]
-        stream = datasets.image_stream(files, 16, 4, f_vaes.scale_pixels, seed=0)
+        stream = datasets.image_stream(files, 16, 4, face_runs.scale_pixels, seed=0)
     else:  # infomax with its step compiled by XLA (the default only with a GPU)
         model = infomax.build_model(infomax.parse_args(["--dataset", "folder", "--img-size", "8",
                                                         "--z-dim", "8", "--jit"]).config)

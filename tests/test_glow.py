@@ -16,6 +16,8 @@ from conftest import ROOT
 from test_f_vaes import randomise
 from test_same_weights import write_pictures
 import glow
+from layers import MultiScaleFlow
+from training.monitor import count_parameters
 
 
 def tiny_glow(seed=0, img_size=8, level=2, depth=2, width=8):
@@ -68,6 +70,33 @@ def test_loss_is_specs_formula_and_noise_is_added_in_training_only():
     assert np.abs(noisy - parts["loss"]).max() < 0.05 * np.abs(parts["loss"]).max()
 
 
+def test_training_noise_reaching_the_flow_is_uniform_on_0_to_1_over_256(monkeypatch):
+    """The author's dequantisation: the flow sees x + U(0, 1/256) in training, x itself
+    otherwise. Read at the flow's input, for x = 0 the noise is exact: all of it in
+    [0, 1/256), its maximum near 1/256 and its mean 1/512 within 5 standard errors."""
+    model = tiny_glow(seed=7)
+    seen = []
+    flow_call = MultiScaleFlow.call
+
+    def spy(flow, x):
+        seen.append(np.asarray(x))
+        return flow_call(flow, x)
+
+    monkeypatch.setattr(MultiScaleFlow, "call", spy)
+    x = np.zeros((64, 8, 8, 3), "float32")
+    model.loss_parts(x, training=True)
+    noise = seen[-1].ravel()
+    width, n = 1.0 / 256, noise.size
+    assert noise.min() >= 0.0 and noise.max() < width
+    assert noise.max() > width * (1 - 20 / n)  # P(max below) = (1 - 20/n)^n ~ e^-20
+    standard_error = width / np.sqrt(12 * n)
+    assert abs(noise.mean() - width / 2) < 5 * standard_error
+
+    clean = images(4, seed=8)
+    model.loss_parts(clean, training=False)
+    np.testing.assert_array_equal(seen[-1], clean)
+
+
 def test_collapse_rule_reloads_the_best_weights_with_a_lower_rate(tmp_path):
     model = glow.build_model(glow.Config(img_size=8, level=2, depth=1, coupling_width=8, seed=0))
     model.save_weights(str(tmp_path / "best.weights.h5"))
@@ -100,7 +129,7 @@ def test_paper_configuration_parameter_count():
         step = 2 * c + (9 * half * 512 + 512) + (512 * 512 + 512) + (9 * 512 * half + half)
         expected += 10 * step + ((9 * half * c + c) if level < 2 else 0)
     model = glow.build_model(glow.Config(img_size=64, seed=0))
-    assert glow.f_vaes.count(model.trainable_weights) == expected == 11_771_232
+    assert count_parameters(model.trainable_weights) == expected == 11_771_232
 
 
 def test_command_line_trains_resumes_and_runs_the_commands(tmp_path):

@@ -16,7 +16,8 @@ from conftest import ROOT
 from test_f_vaes import TINY, TINY_FLAGS, randomise, smooth_images, tiny_model
 from test_same_weights import write_pictures
 import f_vaes
-from f_vaes import FVAE, MultiScaleFlow
+from f_vaes import FVAE
+from layers import MultiScaleFlow
 
 
 def reduced_model(channels, seed=0):

@@ -11,6 +11,7 @@ import keras
 import cli
 import datasets
 import f_vaes
+import face_runs
 import infomax
 
 
@@ -19,7 +20,7 @@ import infomax
 def test_fvae_train_defaults_are_the_scripts():
     """SPEC section 1: 128 pixels, batch 32, Adam 1e-4, 1000 epochs of 1000 steps, a flow of
     L = 4 levels of K = 12 steps with 256-channel couplings, 12 residual steps per block."""
-    args = f_vaes.parse_args([])
+    args = face_runs.parse_args(f_vaes.FVAE_RUNS, [])
     assert args.command == "train"
     config = cli.config_from_args(f_vaes.Config, args)
     assert (config.img_size, config.batch_size, config.lr, config.epochs,
@@ -30,9 +31,9 @@ def test_fvae_train_defaults_are_the_scripts():
 def test_fvae_pictures_default_to_spec_temperatures():
     """Samples at T = 1.0 and 0.8 (after every epoch and from `sample`); the sweep runs from 0
     to 1.0 and passes 0.5."""
-    assert f_vaes.parse_args(["sample"]).temperatures == [1.0, 0.8]
-    assert tuple(f_vaes.SampleGrids("run").temperatures) == (1.0, 0.8)
-    sweep = f_vaes.parse_args(["sweep"]).sweep
+    assert face_runs.parse_args(f_vaes.FVAE_RUNS, ["sample"]).temperatures == [1.0, 0.8]
+    assert tuple(face_runs.SampleGrids("run").temperatures) == (1.0, 0.8)
+    sweep = face_runs.parse_args(f_vaes.FVAE_RUNS, ["sweep"]).sweep
     assert sweep[0] == 0.0 and sweep[-1] == 1.0 and 0.5 in sweep and sweep == sorted(sweep)
 
 
@@ -46,7 +47,7 @@ def test_fvae_is_built_with_adam_at_the_configured_rate():
 def test_fvae_pixels_are_scaled_to_minus_one_one():
     """x/255*2 - 1 (SPEC section 1), on every 8-bit value and on a PNG read by the loader."""
     values = np.arange(256, dtype="float32")
-    np.testing.assert_allclose(f_vaes.scale_pixels(tf.constant(values)),
+    np.testing.assert_allclose(face_runs.scale_pixels(tf.constant(values)),
                                values / 255.0 * 2.0 - 1.0, atol=1e-6)
 
 
@@ -56,7 +57,7 @@ def test_fvae_training_images_reach_the_model_in_minus_one_one(tmp_path):
     for i, image in enumerate(pixels):
         files.append(str(tmp_path / f"{i}.png"))
         iio.imwrite(files[-1], image)
-    batch = next(iter(datasets.image_stream(files, 16, 2, f_vaes.scale_pixels, seed=0)))
+    batch = next(iter(datasets.image_stream(files, 16, 2, face_runs.scale_pixels, seed=0)))
     expected = pixels.astype("float64") / 255.0 * 2.0 - 1.0
     found = sorted(np.asarray(batch), key=lambda image: float(image.sum()))
     for image, reference in zip(found, sorted(expected, key=lambda image: float(image.sum()))):

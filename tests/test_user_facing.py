@@ -18,8 +18,10 @@ from conftest import ROOT, SHARED_DATA
 from test_same_weights import write_pictures
 import cli
 import f_vaes
+import face_runs
 import image_files
 import infomax
+import pictures
 
 TINY_FVAE = ["--img-size", "16", "--level", "2", "--depth", "1", "--res-steps", "1",
              "--coupling-width", "8", "--batch-size", "4", "--steps-per-epoch", "4",
@@ -54,13 +56,14 @@ def test_f_vae_trains_as_typed_into_its_default_run_folder(fvae_run):
     # the card's command without --data-dir takes the shared faces, by a relative path
     if not os.path.isdir(os.path.join(SHARED_DATA, "celeba")):
         pytest.skip(f"no shared faces at {SHARED_DATA} (the default --data-dir)")
-    args = f_vaes.parse_args(["--img-size", "64", "--out", str(home / "elsewhere")])
-    config = f_vaes.train_config(args)
+    fvae = f_vaes.FVAE_RUNS
+    args = face_runs.parse_args(fvae, ["--img-size", "64", "--out", str(home / "elsewhere")])
+    config, out = face_runs.train_config(fvae, args)
     assert not os.path.isabs(config.data_dir)
     assert os.path.samefile(config.data_dir, os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
-    assert args.out == str(home / "elsewhere")
-    assert f_vaes.train_config(f_vaes.parse_args(["--img-size", "128"])).data_dir.endswith(
-        os.path.join("celeba", "celeba_fsrnet_128x128"))
+    assert out == str(home / "elsewhere")
+    config, _ = face_runs.train_config(fvae, face_runs.parse_args(fvae, ["--img-size", "128"]))
+    assert config.data_dir.endswith(os.path.join("celeba", "celeba_fsrnet_128x128"))
 
 
 def test_help_and_errors_start_quietly():
@@ -124,7 +127,7 @@ def test_a_run_and_its_images_can_move(fvae_run, tmp_path):
 
 
 def test_notebook_api_samples_encodes_decodes_and_scores(fvae_run):
-    home, run, pictures, _ = fvae_run
+    _, run, _, _ = fvae_run
     model = f_vaes.FVAE.from_run(str(run))
     images = model.sample(6, temperature=0.8, seed=3)
     assert images.dtype == np.uint8 and images.shape == (6, 16, 16, 3)

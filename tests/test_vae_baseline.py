@@ -13,7 +13,9 @@ from test_f_vaes import TINY, TINY_FLAGS, randomise, smooth_images
 from test_latent_size import gaussian_log_density
 from test_same_weights import write_pictures
 import f_vaes
+import face_runs
 from f_vaes import FVAE
+from training.monitor import count_parameters
 
 
 def tiny_vae(seed=0):
@@ -55,7 +57,7 @@ def test_vae_loss_is_reconstruction_plus_the_analytic_kl():
 def test_vae_has_the_f_vaes_encoder_and_decoder_and_a_scale_head():
     config = f_vaes.Config(img_size=64, seed=0, posterior="gaussian")
     model = f_vaes.build_model(config)
-    count = f_vaes.count
+    count = count_parameters
     assert count(model.encoder.trainable_weights) == count(model.decoder.trainable_weights) \
         == 4_729_536
     assert count(model.trainable_weights) == 2 * 4_729_536 + 2 + 192 * 192 + 192
@@ -63,16 +65,16 @@ def test_vae_has_the_f_vaes_encoder_and_decoder_and_a_scale_head():
 
 def test_iwae_bound_with_one_sample_is_the_elbo_and_does_not_grow_with_k():
     losses = np.random.RandomState(0).normal(100.0, 5.0, (1, 7))
-    np.testing.assert_allclose(f_vaes.iwae_bound(losses), losses[0])
+    np.testing.assert_allclose(face_runs.iwae_bound(losses), losses[0])
     # by hand: -log mean exp(-loss) of two samples
-    np.testing.assert_allclose(f_vaes.iwae_bound([[1.0], [3.0]]),
+    np.testing.assert_allclose(face_runs.iwae_bound([[1.0], [3.0]]),
                                [-np.log((np.exp(-1.0) + np.exp(-3.0)) / 2)])
     model = tiny_vae(seed=2)
     x = smooth_images(32, 16, seed=5)
     bounds = {}
     for k in (1, 4, 32):
         draws = np.stack([model.loss_parts(x)["loss"].numpy() for _ in range(k)])
-        bounds[k] = f_vaes.iwae_bound(draws).mean()
+        bounds[k] = face_runs.iwae_bound(draws).mean()
     assert bounds[1] >= bounds[4] >= bounds[32], bounds
 
 

@@ -62,14 +62,17 @@ class RunSettings:
 class Run:
     """Where a run trains: `dir` is `--out` on the chief, a temporary folder on other workers;
     `lr_before` is the --lr of the previous command on this run (None if none); `data` what
-    `prepare_run`'s `load_data` returned; `lock` the chief's hold on `out`. Use it as
-    `with prepare_run(...) as run:`, which lets go of the folder at the end."""
+    `prepare_run`'s `load_data` returned; `lock` the chief's hold on `out`; `config` the
+    config given to `prepare_run` with what it decided (`jit_compile`), as saved in
+    config.json: build the model from it. Use it as `with prepare_run(...) as run:`, which
+    lets go of the folder at the end."""
     out: str
     dir: str
     strategy: tf.distribute.Strategy
     lr_before: float = None
     data: object = None
     lock: "RunFolderLock" = None
+    config: object = None
 
     def __enter__(self):
         return self
@@ -139,8 +142,8 @@ class RunFolderLock:
 def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
     """Everything before the model, in the order it must happen: op determinism, the strategy
     (before any other TensorFlow op), every worker on the same seed, XLA decided
-    (`config.jit_compile`), the run folder (the chief's `out`) writable, the global batch
-    split over the replicas, `load_data()` if given, and last config.json written, or a
+    (in `run.config`; `config` itself is left as it is), the run folder (the chief's `out`)
+    writable, the global batch split over the replicas, `load_data()` if given, and last config.json written, or a
     resumed run checked against it (`model_keys` must match). Bad values are UsageErrors
     raised before anything in `out` changes. The chief locks `out` first (`RunFolderLock`,
     released when the `with` block of the returned Run ends): a second trainer on the same
@@ -151,7 +154,8 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
     check_workers_agree(strategy, config.seed, "--seed", "give every worker the same --seed")
     wanted = (bool(tf_setup.visible_gpus()) if config.jit_compile is None
               else config.jit_compile)
-    config.jit_compile = xla_allowed(wanted, config.distribute, "--jit-compile")
+    config = dataclasses.replace(
+        config, jit_compile=xla_allowed(wanted, config.distribute, "--jit-compile"))
     run_dir = writable_run_dir(out, strategy)  # --out on the chief only
     ensure_writable_dir(run_dir, "--out" if run_dir == out else "TMPDIR")
     lock = RunFolderLock(out) if run_dir == out else None
@@ -164,7 +168,7 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
         if lock is not None:
             lock.release()
         raise
-    return Run(out, run_dir, strategy, before.get("lr"), data, lock)
+    return Run(out, run_dir, strategy, before.get("lr"), data, lock, config)
 
 
 def fit_run(run, config, model_keys, build_model, stream, steps_per_epoch, monitors=(),

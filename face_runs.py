@@ -1,0 +1,543 @@
+"""What an f-VAE run and a Glow run share: images as pixels in [-1, 1] and bits/dim, training
+on a folder of faces with sample grids after every epoch, the commands on a trained run
+(sample, sweep, reconstruct, interpolate, evaluate, encode, export) and the command line
+that offers them.
+
+Each script describes its model once, as a `FaceModel` (its name, config class, checks,
+builder, commands, sample temperatures, extra monitors and docstring), and hands that to
+`main`, `train`, `load_run` and `benchmark_setup`. The model itself needs `loss_parts(x)`,
+`LOG_NAMES`, `latent(x)`, `generate(z)`, `latent_dims` and `img_size` (f_vaes.FVAE and
+glow.Glow have them); `reconstruct`, `encode` and `bits_per_dim` where its commands use them.
+
+Bits/dim (see f_vaes.py's docstring): `evaluate` scores held-out images dequantised as
+y = (x_int + U(0, 1)) / 256 * 2 - 1 and reports (nll + D*log(128)) / (D*ln 2).
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from typing import Callable
+
+import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
+import numpy as np
+import tensorflow as tf
+import keras
+from keras import ops
+
+import cli
+import common
+import datasets
+import image_files
+import pictures
+from cli import option
+from common import UsageError
+from speedups import FusedAdam
+from training import monitor
+from training.run import RunSettings, fit_run, prepare_run
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = {64: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_64x64"),
+                128: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_fsrnet_128x128")}
+
+
+@dataclasses.dataclass
+class FaceRunSettings(RunSettings):
+    """The schedule and data of the author's face scripts (f-VAEs.py, and glow.py's Config)."""
+    data_dir: str = option("", "folder of PNG/JPEG faces, searched recursively (default: the "
+                           "shared CelebA folder for --img-size 64 or 128, if present)")
+    lr: float = option(1e-4, "Adam learning rate")
+    epochs: int = option(1000, "train until this epoch")
+    steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
+    holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
+    seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
+                       "with the run)")
+
+
+COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
+            "sample": "9x9 grids of samples at each temperature",
+            "reconstruct": "reconstructions of real images, directly and through the flow",
+            "interpolate": "interpolations in z between two and between four real images",
+            "sweep": "the same noise at a row of temperatures",
+            "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images",
+            "encode": "z and bits/dim of every image of a folder, to .npy and .csv",
+            "export": "SavedModels of the sampler and the encoder, and inference-only weights"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceModel:
+    """A script's model, as the shared code needs to know it.
+
+    name: the run folder's default, runs/<name><img-size>. config_class: a FaceRunSettings
+    dataclass whose MODEL_KEYS a resumed run must keep. check(config): a UsageError for a bad
+    value. build(config, verbose=False): the model compiled and built (`compile_model`).
+    doc: the script's docstring, its --help. commands: {name: help} of the commands it
+    offers, `train` first. temperatures: of the sample grids. monitors: functions
+    (run_dir, config) -> a callback that adds numbers to the epoch's logs. quick: the
+    overrides of a tiny model for `benchmark_setup(quick=True)`."""
+    name: str
+    config_class: type
+    check: Callable
+    build: Callable
+    doc: str
+    commands: dict = dataclasses.field(default_factory=lambda: dict(COMMANDS))
+    temperatures: tuple = (1.0, 0.8)
+    monitors: tuple = ()
+    quick: dict = dataclasses.field(default_factory=dict)
+
+    def main(self, argv=None):
+        """The script's command line: `main` below, for this model."""
+        return main(self, argv)
+
+    def benchmark_setup(self, img_size=64, batch_size=None, quick=False):
+        """For bench/bench.py: `benchmark_setup` below, for this model."""
+        return benchmark_setup(self, img_size, batch_size, quick)
+
+
+# =========================================================================== pixels and bits/dim
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def scale_pixels(x):
+    """[0, 255] -> [-1, 1] as `x/255*2-1` (SPEC.md), used for training."""
+    return x / 255.0 * 2.0 - 1.0
+
+
+def dequantise(x):
+    """[0, 255] -> [-1, 1] as `(x_int + U(0, 1)) / 256 * 2 - 1`, used for bits/dim."""
+    x_int = tf.round(x)
+    return (x_int + tf.random.uniform(tf.shape(x), dtype=x.dtype)) / 256.0 * 2.0 - 1.0
+
+
+def bits_per_dim(nll_nats, dims):
+    """Nats per example of the density on [-1, 1] -> bits/dim of 8-bit data (bin width 2/256)."""
+    return (nll_nats + dims * math.log(128.0)) / (dims * math.log(2.0))
+
+
+def split_files(files, holdout):
+    """The sorted file list minus its last `holdout` files (training), and those files."""
+    if holdout >= len(files):
+        raise UsageError(f"--holdout {holdout}: the folder has only {len(files)} image file(s); "
+                         "hold out fewer")
+    return (files[:len(files) - holdout], files[len(files) - holdout:]) if holdout else (files, [])
+
+
+# =========================================================================== building
+
+def compile_model(model, config, report=None):
+    """`model` compiled as for training (Adam at `config.lr`, XLA if `config.jit_compile`)
+    and built (weights, optimiser slots), ready to load; `report(model)`'s lines printed."""
+    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
+    model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
+    model.optimizer.build(model.trainable_variables)
+    for line in report(model) if report else ():
+        print(line, flush=True)
+    return model
+
+
+def benchmark_setup(face_model, img_size=64, batch_size=None, quick=False):
+    """For bench/bench.py: the model at `img_size` (a tiny one with `quick`), compiled as for
+    training, and one batch of random images in [-1, 1] (batch: the config's default)."""
+    config = face_model.config_class(img_size=img_size, seed=0)
+    if batch_size is not None:
+        config = dataclasses.replace(config, batch_size=batch_size)
+    if quick:
+        config = dataclasses.replace(config, **face_model.quick)
+    model = face_model.build(config)
+    shape = (config.batch_size, img_size, img_size, 3)
+    return model, tf.constant(np.random.RandomState(0).uniform(-1, 1, shape).astype("float32"))
+
+
+# =========================================================================== sample grids
+
+def sample_images(model, n, temperature, seed=0, batch=32):
+    """n images G(F^-1(z)) (Glow: F^-1(z)), z ~ N(0, T^2 I), drawn from a fixed numpy seed."""
+    noise = np.random.RandomState(seed).randn(n, model.latent_dims).astype("float32")
+    return np.concatenate([ops.convert_to_numpy(model.generate(temperature * noise[i:i + batch]))
+                           for i in range(0, n, batch)])
+
+
+class SampleGrids(keras.callbacks.Callback):
+    """After every epoch: a 9x9 grid at each temperature (SPEC.md: 1.0 and 0.8), from the same
+    z noise each epoch, as `samples/epoch0001_T1.0.png`, `samples_T1.0_latest.png` and a
+    TensorBoard image."""
+
+    TEMPERATURES, ROWS, COLS = (1.0, 0.8), 9, 9
+
+    def __init__(self, run_dir, seed=0, temperatures=TEMPERATURES):
+        super().__init__()
+        self.run_dir, self.seed, self.temperatures = run_dir, seed, temperatures
+
+    def on_epoch_end(self, epoch, logs=None):
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        kept = f"epoch {epoch + 1} is saved (`sample` draws its grids)"  # the checkpoint came first
+        for t in self.temperatures:
+            images = sample_images(self.model, self.ROWS * self.COLS, t, self.seed)
+            grid = pictures.image_grid(images, self.ROWS, self.COLS)
+            pictures.write_png(os.path.join(self.run_dir, "samples", f"epoch{epoch + 1:04d}_T{t}.png"),
+                               grid, kept)
+            pictures.write_png(os.path.join(self.run_dir, f"samples_T{t}_latest.png"), grid, kept)
+            monitor.log_picture(self.run_dir, f"samples_T{t}", grid, epoch + 1)
+
+
+# =========================================================================== training
+
+def train(face_model, config, out):
+    """Train (or resume) the run in `out` (config resolved by `train_config`): the files of
+    `config.data_dir` but the held-out ones, the model of `face_model.build`, its monitors,
+    and sample grids at its temperatures."""
+    model_keys = face_model.config_class.MODEL_KEYS
+    with prepare_run(config, out, model_keys) as run:
+        config = run.config  # XLA decided
+        files = image_files.list_image_files(config.data_dir)
+        train_files, held_out = split_files(files, config.holdout)
+        train_files, _ = image_files.find_readable_images(train_files, config.img_size)
+        if not train_files:
+            raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the "
+                             "training files")
+        print(f"{len(train_files)} training images, {len(held_out)} held out (the last files "
+              f"of the sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
+
+        def build_seeded():
+            keras.utils.set_random_seed(config.seed)
+            return face_model.build(config, verbose=True)
+
+        def stream(images_seen):  # a function of its position in the data: resumes exactly
+            # (and the same on every worker of a cluster: each keeps its part of every batch)
+            return datasets.image_stream(train_files, config.img_size, config.batch_size,
+                                         scale_pixels, config.seed, start=images_seen)
+
+        return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
+                       monitors=[make(run.dir, config) for make in face_model.monitors],
+                       callbacks=[SampleGrids(run.dir, seed=config.seed,
+                                              temperatures=face_model.temperatures)])
+
+
+# =========================================================================== commands on a run
+
+def load_run(face_model, out, weights="best", data_dir=None):
+    """The config and model of the run folder `out`, with its `best` or `latest` weights
+    loaded (without XLA; `data_dir`: where the run's image folder is now, if it moved)."""
+    path = os.path.join(out or "", "config.json")
+    if not out or not os.path.exists(path):
+        raise UsageError(f"--out {out!r}: no trained run there (expected {path}); "
+                         "train one first with the same --out")
+    config = cli.read_run_config(path, face_model.config_class)
+    config = dataclasses.replace(config, jit_compile=False, data_dir=data_dir or config.data_dir)
+    weights_path = os.path.join(out, f"{weights}.weights.h5")
+    if not os.path.exists(weights_path):
+        raise UsageError(f"--weights {weights}: {weights_path} does not exist yet "
+                         "(no epoch has finished)")
+    model = face_model.build(config)
+    try:
+        model.load_weights(weights_path)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{weights_path}: cannot load ({e})") from None
+    return config, model
+
+
+def real_images(config, n, seed):
+    """n real images in [-1, 1]: held-out files if any (else training files), seeded choice."""
+    files = image_files.list_image_files(config.data_dir)
+    train_files, held_out = split_files(files, config.holdout)
+    pool, _ = image_files.find_readable_images(held_out or train_files, config.img_size, verbose=False)
+    if not pool:
+        raise UsageError(f"--data-dir {config.data_dir!r}: no readable image to use")
+    picks = np.random.RandomState(seed).choice(len(pool), n, replace=len(pool) < n)
+    return np.stack([scale_pixels(image_files.load_image(pool[i], config.img_size)).numpy()
+                     for i in picks])
+def command_sample(args, config, model):
+    for t in args.temperatures:
+        images = sample_images(model, args.rows * args.cols, t, args.seed)
+        print(pictures.save_grid(os.path.join(args.out, f"sample_T{t}.png"), images,
+                               args.rows, args.cols))
+
+
+def command_sweep(args, config, model):
+    """One row per noise draw, one column per temperature: z = T * eps with eps fixed per row."""
+    noise = np.random.RandomState(args.seed).randn(args.rows, model.latent_dims)
+    z = np.stack([t * noise for t in args.sweep], axis=1).reshape(-1, noise.shape[1])
+    images = np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + 32].astype("float32")))
+                             for i in range(0, len(z), 32)])
+    print(pictures.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
+
+
+def command_reconstruct(args, config, model):
+    """reconstruct.png: 9x9 G(E(x)); reconstruct_pairs.png: per row three triples of
+    (original, G(E(x)), G(F^-1(F(E(x))))) - the last goes through the flow both ways."""
+    x = real_images(config, args.rows * args.cols, args.seed)
+    direct = ops.convert_to_numpy(model.reconstruct(x))
+    print(pictures.save_grid(os.path.join(args.out, "reconstruct.png"), direct, args.rows, args.cols))
+    triples = args.rows * (args.cols // 3)
+    round_trip = ops.convert_to_numpy(model.generate(model.latent(x[:triples])))
+    pairs = np.stack([x[:triples], direct[:triples], round_trip], axis=1).reshape(-1, *x.shape[1:])
+    print(pictures.save_grid(os.path.join(args.out, "reconstruct_pairs.png"), pairs,
+                           args.rows, 3 * (args.cols // 3)))
+
+
+def command_interpolate(args, config, model):
+    """interpolate_2.png: per row, `cols` steps linear in z between two real images;
+    interpolate_4.png: rows x cols, bilinear in z between four real images at the corners."""
+    steps = np.linspace(0.0, 1.0, args.cols, dtype="float32")
+    x = real_images(config, 2 * args.rows, args.seed)
+    z = ops.convert_to_numpy(model.latent(x))
+    z_a, z_b = z[0::2], z[1::2]
+    path = (z_a[:, None] * (1 - steps)[None, :, None] + z_b[:, None] * steps[None, :, None])
+    images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in path])
+    print(pictures.save_grid(os.path.join(args.out, "interpolate_2.png"), images, args.rows, args.cols))
+
+    corners = ops.convert_to_numpy(model.latent(real_images(config, 4, args.seed + 1)))
+    a = np.linspace(0.0, 1.0, args.rows, dtype="float32")[:, None, None]
+    b = steps[None, :, None]
+    grid = ((1 - a) * (1 - b) * corners[0] + (1 - a) * b * corners[1]
+            + a * (1 - b) * corners[2] + a * b * corners[3])
+    images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in grid])
+    print(pictures.save_grid(os.path.join(args.out, "interpolate_4.png"), images, args.rows, args.cols))
+
+
+def command_evaluate(args, config, model):
+    """Mean loss parts (nats/example) and bits/dim on held-out images, dequantised as
+    y = (x_int + U(0, 1)) / 256 * 2 - 1 (see the module docstring), one u draw per image."""
+    if args.eval_dir:
+        files = image_files.list_image_files(args.eval_dir, flag="--eval-dir")
+    else:
+        files = split_files(image_files.list_image_files(config.data_dir), config.holdout)[1]
+        if not files:
+            raise UsageError(f"--out {args.out!r}: the run holds out no images (--holdout 0); "
+                             "pass --eval-dir DIR")
+    files, _ = image_files.find_readable_images(files, config.img_size)
+    if not files:
+        raise UsageError("no readable image to evaluate")
+    keras.utils.set_random_seed(args.seed)
+    dataset = datasets.image_dataset(files, config.img_size, min(config.batch_size, len(files)),
+                                     dequantise)
+    samples = getattr(args, "samples", 1)
+    if samples > 1:
+        results = importance_weighted(model, dataset, samples)
+    else:
+        results = model.evaluate(dataset, return_dict=True, verbose=0)
+    results["reconstruction_rmse"] = reconstruction_rmse(model, files, config.img_size)
+    print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
+          f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
+          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255):")
+    for name in (*model.LOG_NAMES, "reconstruction_rmse"):
+        if results.get(name) is not None:
+            print(f"  {name:13s} {results[name]:.4f}")
+    common.write_json(os.path.join(args.out, "evaluate.json"),
+                      {"images": len(files), "samples": samples,
+                       **{k: None if v is None else float(v) for k, v in results.items()}})
+    return results
+
+
+def reconstruction_rmse(model, files, img_size, batch=32):
+    """Root mean squared error of the reconstructions G(E(x)) (the posterior mean through the
+    decoder; None for a model without one, Glow), in pixel values 0..255."""
+    if not hasattr(model, "reconstruct"):
+        return None
+    errors = []
+    for images in datasets.image_dataset(files, img_size, batch, lambda x: x):
+        images = np.round(images.numpy())
+        rebuilt = pictures.to_uint8(ops.convert_to_numpy(model.reconstruct(scale_pixels(images))))
+        errors.append(((rebuilt.astype(np.float64) - images) ** 2).reshape(len(images), -1).mean(1))
+    return float(np.sqrt(np.mean(np.concatenate(errors))))
+
+
+def iwae_bound(losses):
+    """The importance-weighted bound (Burda et al. 2016) of K per-sample losses (K, N), each
+    -log p(x, z_k) + log q(z_k | x) in nats: -log mean_k exp(-loss_k), per image. K = 1 is the
+    ELBO; the bound tightens (does not grow, in expectation) as K grows."""
+    losses = np.asarray(losses, np.float64)
+    lowest = losses.min(axis=0)
+    return lowest - np.log(np.mean(np.exp(-(losses - lowest)), axis=0))
+
+
+def importance_weighted(model, dataset, samples):
+    """Mean IWAE bound over the images of `dataset` with `samples` posterior draws each, as
+    the `loss` and `bits_per_dim` of evaluate (the other parts: their mean over the draws)."""
+    bounds, parts = [], {name: [] for name in model.LOG_NAMES if name not in ("loss", "bits_per_dim")}
+    for x in dataset:
+        draws = [model.loss_parts(x) for _ in range(samples)]  # a new u each call
+        bounds.append(iwae_bound([ops.convert_to_numpy(d["loss"]) for d in draws]))
+        for name in parts:
+            parts[name].append(np.mean([ops.convert_to_numpy(d[name]) for d in draws], axis=0))
+    loss = float(np.mean(np.concatenate(bounds)))
+    dims = model.img_size ** 2 * 3
+    return {"loss": loss, "bits_per_dim": float(bits_per_dim(loss, dims)),
+            **{name: float(np.mean(np.concatenate(v))) for name, v in parts.items()}}
+
+
+def command_encode(args, config, model):
+    """Every image under --folder: its flow latent z (`<dest>.npy`, one row per file) and its
+    bits/dim (`<dest>.csv`: file, row, bits_per_dim), in file order."""
+    files = image_files.scan_image_folder(args.folder, config.img_size, "--folder")
+    dest = args.dest or os.path.join(args.out, "encoded", os.path.basename(
+        os.path.normpath(args.folder)))
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    latents, scores = [], []
+    dataset = datasets.image_dataset(files, config.img_size, 32, lambda x: x)
+    progress = keras.utils.Progbar(len(files), unit_name="image",
+                                   verbose=1 if monitor.interactive() else 0)
+    for images in dataset:
+        images = images.numpy()
+        latents.append(model.encode(images))
+        scores.append(model.bits_per_dim(images, seed=args.seed + len(scores)))
+        progress.add(len(images))
+    np.save(dest + ".npy", np.concatenate(latents).astype(np.float32))
+    with open(dest + ".csv", "w") as f:
+        f.write("file,row,bits_per_dim\n")
+        f.writelines(f"{os.path.relpath(path, args.folder)},{row},{bits:.6f}\n"
+                     for row, (path, bits) in enumerate(zip(files, np.concatenate(scores))))
+    print(f"{dest}.npy: z of {len(files)} images ({model.latent_dims} numbers each); "
+          f"{dest}.csv: file, row, bits_per_dim")
+
+
+def command_export(args, config, model):
+    """`<dest>/sampler` and `<dest>/encoder`, TensorFlow SavedModels (load with
+    tf.saved_model.load: `.sample(noise, temperature)` -> uint8 images, `.encode(images)` ->
+    z), and `<dest>/inference.weights.h5`, the weights without the optimiser state."""
+    dest = args.dest or os.path.join(args.out, "export")
+    os.makedirs(dest, exist_ok=True)
+    dims, size = model.latent_dims, config.img_size
+
+    def to_uint8(x):  # (x+1)/2*255, rounded and clipped, as the picture grids
+        return tf.cast(tf.clip_by_value(tf.round((x + 1.0) / 2.0 * 255.0), 0.0, 255.0), tf.uint8)
+
+    for name, function, signature in [
+            ("sampler", lambda noise, temperature: to_uint8(model.generate(noise * temperature)),
+             [tf.TensorSpec((None, dims), tf.float32), tf.TensorSpec((), tf.float32)]),
+            ("encoder", lambda images: model.latent(scale_pixels(tf.cast(images, tf.float32))),
+             [tf.TensorSpec((None, size, size, 3), tf.uint8)])]:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("sample" if name == "sampler" else "encode", function, signature)
+        archive.write_out(os.path.join(dest, name), verbose=False)
+    weights = os.path.join(dest, "inference.weights.h5")
+    inference_weights(model, weights)
+    print(f"{dest}/sampler (sample(noise, temperature)), {dest}/encoder (encode(images)), "
+          f"{weights} ({os.path.getsize(weights) / 2**20:.1f} MiB)")
+
+
+def inference_weights(model, path):
+    """The model's weights without the optimiser state (loads into `build_model` or FVAE)."""
+    from keras.src.saving import saving_lib  # `save_weights` has no way to leave it out
+    saving_lib.save_weights_only(model, path, objects_to_skip=[model.optimizer])
+
+
+
+
+# =========================================================================== command line
+
+def temperature_list(text):
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers") from None
+    if not values or any(not math.isfinite(t) or t < 0 for t in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: temperatures must be numbers >= 0")
+    return values
+
+
+def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
+    """The flags of the commands on a trained run ({name: sub-parser})."""
+    for name in commands:
+        if name == "train":
+            continue
+        flags = commands[name]
+        flags.add_argument("--out", default=None, help="the run folder")
+        flags.add_argument("--weights", choices=("best", "latest"), default="best",
+                           help="which checkpoint to load (best = lowest epoch loss)")
+        flags.add_argument("--seed", type=int, default=0, help="seed of the noise and of the "
+                           "choice of images")
+        if name in ("encode", "export"):
+            flags.add_argument("--dest", default=None,
+                               help="where to write (default: in --out: encoded/<folder name> "
+                                    "for encode, export/ for export)")
+        if name == "encode":
+            flags.add_argument("--folder", required=True, help="the images to encode (recursively)")
+        if name in ("reconstruct", "interpolate", "evaluate"):
+            flags.add_argument("--data-dir", default=None,
+                               help="where the run's image folder is now (default: as saved)")
+        if name not in ("evaluate", "encode", "export"):
+            flags.add_argument("--rows", type=int, default=9, help="rows of the picture")
+        if name not in ("evaluate", "sweep", "encode", "export"):
+            flags.add_argument("--cols", type=int, default=9, help="columns of the picture")
+    commands["sample"].add_argument("--temperatures", type=temperature_list,
+                                    default=list(default_temperatures),
+                                    help="comma-separated temperatures T >= 0")
+    commands["sweep"].add_argument("--sweep", type=temperature_list,
+                                   default=[round(0.1 * i, 1) for i in range(11)],
+                                   help="the temperatures of the columns")
+    commands["evaluate"].add_argument("--eval-dir", default=None,
+                                      help="every image of this folder instead of the run's "
+                                           "held-out files")
+    commands["evaluate"].add_argument("--samples", type=int, default=1, metavar="K",
+                                      help="posterior samples per image: K > 1 gives the "
+                                           "importance-weighted bound, tighter than the ELBO")
+
+
+def parse_args(face_model, argv=None):
+    """The command and its flags (`script.py COMMAND --help` lists a command's own)."""
+    parser, commands = cli.command_parser(face_model.doc, face_model.commands)
+    cli.add_config_flags(commands["train"], face_model.config_class)
+    commands["train"].add_argument("--out", default=None,
+                                   help="run folder (config, weights, log.csv, pictures); the "
+                                        "same --out resumes (default: "
+                                        f"runs/{face_model.name}<img-size>)")
+    add_run_command_flags(commands, face_model.temperatures)
+    args = parser.parse_args(argv)
+    cli.check_at_least(args, 1, *[f for f in ("rows", "cols", "samples") if hasattr(args, f)])
+    return args
+
+
+def train_config(face_model, args):
+    """(config, run folder) of `train`: the flags checked, with the run folder, data folder,
+    hold-out and seed resolved."""
+    config = cli.config_from_args(face_model.config_class, args)
+    face_model.check(config)
+    out = args.out or os.path.join("runs", f"{face_model.name}{config.img_size}")
+    return resolve_run_data(config, out), out
+
+
+def resolve_run_data(config, out):
+    """`config` with the data folder (the flag, else the run's, else the shared faces of that
+    size; kept relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of the run to
+    train in `out` resolved."""
+    saved_path = os.path.join(out, "config.json")
+    saved = (common.read_run_json(saved_path, cli.config_kinds(type(config)))
+             if os.path.exists(saved_path) else {})
+    data_dir = (config.data_dir or saved.get("data_dir")
+                or (os.path.relpath(DEFAULT_DATA[config.img_size])
+                    if config.img_size in DEFAULT_DATA else None))
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UsageError(f"--data-dir {config.data_dir or data_dir!r}: no such folder (give "
+                         "--data-dir, a folder of PNG/JPEG images)")
+    # as given: a run folder holds no absolute path (--data-dir moves it)
+    config = dataclasses.replace(config, data_dir=data_dir)
+    if config.holdout < 0:
+        config = dataclasses.replace(config, holdout=saved.get(
+            "holdout", len(image_files.list_image_files(data_dir)) // 20))
+    if config.seed < 0:
+        config = dataclasses.replace(config, seed=saved.get(
+            "seed", int(np.random.randint(0, 2**31 - 1))))
+    return config
+
+
+RUN_COMMANDS = {"sample": command_sample, "sweep": command_sweep,
+                "reconstruct": command_reconstruct, "interpolate": command_interpolate,
+                "evaluate": command_evaluate, "encode": command_encode, "export": command_export}
+
+
+def main(face_model, argv=None):
+    """The command line of the script of `face_model`: train, or a command on a trained run."""
+    def command():
+        args = parse_args(face_model, argv)
+        if args.command == "train":
+            config, out = train_config(face_model, args)
+            train(face_model, config, out)
+            return
+        config, model = load_run(face_model, args.out, args.weights,
+                                 getattr(args, "data_dir", None))
+        RUN_COMMANDS[args.command](args, config, model)
+    return common.run_main(command)
