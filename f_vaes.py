@@ -49,6 +49,7 @@ from layers import MultiScaleFlow, Reshape, Squeeze, UnSqueeze
 from speedups import BatchNormalization
 from training import distribute, guards
 from training.monitor import count_parameters
+from training.precision import networks, to_float32
 
 
 # =========================================================================== config
@@ -195,22 +196,24 @@ class FVAE(guards.GuardedModel):
     LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
 
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
-                 sync_bn=False, latent_channels=LATENT_CHANNELS, posterior="flow", **kwargs):
-        super().__init__(**kwargs)
+                 sync_bn=False, latent_channels=LATENT_CHANNELS, posterior="flow",
+                 precision="float32", **kwargs):
+        super().__init__(dtype="float32", **kwargs)  # the loss, t_x and s_u: float32
         self.img_size = img_size
         self.latent_dims = int(np.prod(latent_shape(img_size, latent_channels)))  # d (D at 192)
-        self.encoder = build_encoder(img_size, res_steps, sync_bn, latent_channels)
-        self.decoder = build_decoder(img_size, res_steps, sync_bn, latent_channels)
         self.gaussian = posterior == "gaussian"
+        with networks(precision):  # E, G and the coupling networks; the flow's layers: float32
+            self.encoder = build_encoder(img_size, res_steps, sync_bn, latent_channels)
+            self.decoder = build_decoder(img_size, res_steps, sync_bn, latent_channels)
+            if not self.gaussian:
+                self.flow = MultiScaleFlow(latent_shape(img_size, latent_channels), level,
+                                           depth, coupling_width, seed, name="flow")
         if self.gaussian:  # the VAE: z = v, log sigma(x) = s_u + Conv1x1_zeroinit(E(x))
             self.flow = Reshape((-1,), source_shape=latent_shape(img_size, latent_channels),
                                 name="flatten")
-            self.log_scale_head = keras.layers.Conv2D(latent_channels, 1,
+            self.log_scale_head = keras.layers.Conv2D(latent_channels, 1,  # a log-determinant
                                                       kernel_initializer="zeros",
                                                       name="log_scale_head")
-        else:
-            self.flow = MultiScaleFlow(latent_shape(img_size, latent_channels), level, depth,
-                                       coupling_width, seed, name="flow")
         self.log_precision = self.add_weight(shape=(), initializer="zeros", name="log_precision")
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
@@ -220,14 +223,14 @@ class FVAE(guards.GuardedModel):
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On
         several replicas each draws its own rows of the global batch's noise."""
-        h = self.encoder(x, training=training)
+        h = to_float32(self.encoder(x, training=training))
         if noise is None:
             noise = distribute.replica_draw(
                 lambda shape: keras.random.normal(shape, seed=self.seed_generator), ops.shape(h))
         if self.gaussian:  # posterior N(h, diag(exp(s_u + head(h))^2)): flow = identity
             log_scale = self.log_noise_scale + self.log_scale_head(h)
             v = ops.exp(log_scale) * noise + h
-            reconstruction = self.decoder(v, training=training)
+            reconstruction = to_float32(self.decoder(v, training=training))
             flow_latent, _ = self.flow(v)
             # log|det dv/du| = sum(log sigma(x)) = d*s_u (fvae_loss's entropy term) + the
             # head's sum, which takes the flow log-determinant's place (z = v)
@@ -236,7 +239,7 @@ class FVAE(guards.GuardedModel):
             return fvae_loss(x, reconstruction, noise, flow_latent, head_logdet,
                              self.log_precision, self.log_noise_scale)
         v = ops.exp(self.log_noise_scale) * noise + h
-        reconstruction = self.decoder(v, training=training)
+        reconstruction = to_float32(self.decoder(v, training=training))
         flow_latent, flow_logdet = self.flow(v)
         return fvae_loss(x, reconstruction, noise, flow_latent, flow_logdet,
                          self.log_precision, self.log_noise_scale)
@@ -248,15 +251,15 @@ class FVAE(guards.GuardedModel):
 
     def latent(self, x):
         """z = F(E(x)), the flow latent of the posterior mean (u = 0)."""
-        return self.flow(self.encoder(x, training=False))[0]
+        return self.flow(to_float32(self.encoder(x, training=False)))[0]
 
     def generate(self, flow_latent):
         """image = G(F^-1(z))."""
-        return self.decoder(self.flow.inverse(flow_latent), training=False)
+        return to_float32(self.decoder(self.flow.inverse(flow_latent), training=False))
 
     def reconstruct(self, x):
         """G(E(x)), the author's reconstruction (posterior mean, no flow)."""
-        return self.decoder(self.encoder(x, training=False), training=False)
+        return to_float32(self.decoder(self.encoder(x, training=False), training=False))
 
     # ----------------------------------------------------------------------- for notebooks
     # Images in and out are uint8 (N, S, S, 3), as read from files and as shown.
@@ -297,7 +300,8 @@ def build_model(config, verbose=False):
     with `verbose`, its parameter counts printed."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
                  config.coupling_width, config.seed, config.sync_bn, config.latent_channels,
-                 config.posterior, name="vae" if config.posterior == "gaussian" else "fvae")
+                 config.posterior, config.precision,
+                 name="vae" if config.posterior == "gaussian" else "fvae")
     return face_runs.compile_model(model, config, parameter_report if verbose else None)
 
 

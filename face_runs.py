@@ -35,6 +35,8 @@ from cli import option
 from common import UsageError
 from speedups import FusedAdam
 from training import monitor
+from training.checkpoint import load_weights
+from training.precision import wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,9 +92,9 @@ class FaceModel:
         """The script's command line: `main` below, for this model."""
         return main(self, argv)
 
-    def benchmark_setup(self, img_size=64, batch_size=None, quick=False):
+    def benchmark_setup(self, img_size=64, batch_size=None, quick=False, precision="float32"):
         """For bench/bench.py: `benchmark_setup` below, for this model."""
-        return benchmark_setup(self, img_size, batch_size, quick)
+        return benchmark_setup(self, img_size, batch_size, quick, precision)
 
 
 # =========================================================================== pixels and bits/dim
@@ -129,7 +131,8 @@ def split_files(files, holdout):
 def compile_model(model, config, report=None):
     """`model` compiled as for training (Adam at `config.lr`, XLA if `config.jit_compile`)
     and built (weights, optimiser slots), ready to load; `report(model)`'s lines printed."""
-    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
+    model.compile(optimizer=wrap_optimizer(FusedAdam(config.lr), config.precision),
+                  jit_compile=bool(config.jit_compile))
     model(np.zeros((1, config.img_size, config.img_size, 3), "float32"))
     model.optimizer.build(model.trainable_variables)
     for line in report(model) if report else ():
@@ -137,10 +140,11 @@ def compile_model(model, config, report=None):
     return model
 
 
-def benchmark_setup(face_model, img_size=64, batch_size=None, quick=False):
-    """For bench/bench.py: the model at `img_size` (a tiny one with `quick`), compiled as for
-    training, and one batch of random images in [-1, 1] (batch: the config's default)."""
-    config = face_model.config_class(img_size=img_size, seed=0)
+def benchmark_setup(face_model, img_size=64, batch_size=None, quick=False, precision="float32"):
+    """For bench/bench.py: the model at `img_size` (a tiny one with `quick`) in `precision`,
+    compiled as for training, and one batch of random images in [-1, 1] (batch: the config's
+    default)."""
+    config = face_model.config_class(img_size=img_size, seed=0, precision=precision)
     if batch_size is not None:
         config = dataclasses.replace(config, batch_size=batch_size)
     if quick:
@@ -219,20 +223,22 @@ def train(face_model, config, out):
 
 def load_run(face_model, out, weights="best", data_dir=None):
     """The config and model of the run folder `out`, with its `best` or `latest` weights
-    loaded (without XLA; `data_dir`: where the run's image folder is now, if it moved)."""
+    loaded (without XLA, in float32 whatever it trained in: bounds and pictures do not depend
+    on that; `data_dir`: where the run's image folder is now, if it moved)."""
     path = os.path.join(out or "", "config.json")
     if not out or not os.path.exists(path):
         raise UsageError(f"--out {out!r}: no trained run there (expected {path}); "
                          "train one first with the same --out")
     config = cli.read_run_config(path, face_model.config_class)
-    config = dataclasses.replace(config, jit_compile=False, data_dir=data_dir or config.data_dir)
+    config = dataclasses.replace(config, jit_compile=False, precision="float32",
+                                 data_dir=data_dir or config.data_dir)
     weights_path = os.path.join(out, f"{weights}.weights.h5")
     if not os.path.exists(weights_path):
         raise UsageError(f"--weights {weights}: {weights_path} does not exist yet "
                          "(no epoch has finished)")
     model = face_model.build(config)
     try:
-        model.load_weights(weights_path)
+        load_weights(model, weights_path)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{weights_path}: cannot load ({e})") from None
     return config, model

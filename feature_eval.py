@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from training.precision import in_float32
 from common import write_json
 from pictures import image_grid, save_grid, write_png
 from training.checkpoint import read_state
@@ -22,12 +23,15 @@ _FEATURE_MODELS = weakref.WeakKeyDictionary()  # encoder -> its (mu, flattened l
 def encode(encoder, images, scale, batch_size=500):
     """uint8 images -> {"mu": (N, z_dim), "local": the flattened local map (N, 4*4*256)}, in
     inference mode; `scale` maps uint8 pixels to the model's range. The two-output model is
-    made once per encoder (a new one per call would retrace its predict function)."""
-    model = _FEATURE_MODELS.get(encoder)
-    if model is None:
-        model = keras.Model(encoder.input, [encoder.outputs[0],
-                                            keras.layers.Flatten()(encoder.outputs[2])])
-        _FEATURE_MODELS[encoder] = model
+    made once per encoder (a new one per call would retrace its predict function). An encoder
+    trained in low precision is measured through a float32 copy of its current weights."""
+    if encoder not in _FEATURE_MODELS:
+        twin = in_float32(encoder)
+        _FEATURE_MODELS[encoder] = twin, keras.Model(
+            twin.input, [twin.outputs[0], keras.layers.Flatten()(twin.outputs[2])])
+    twin, model = _FEATURE_MODELS[encoder]
+    if twin is not encoder:
+        twin.set_weights(encoder.get_weights())
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
     ds = ds.map(scale).prefetch(tf.data.AUTOTUNE)
     verbose = 1 if len(images) > 5 * batch_size and sys.stdout.isatty() else 0  # no bar in a file

@@ -37,7 +37,9 @@ from common import UsageError
 from face_runs import LOG_2PI, FaceRunSettings, bits_per_dim, scale_pixels
 from layers import MultiScaleFlow
 from training import distribute, guards
+from training.checkpoint import load_weights
 from training.monitor import count_parameters
+from training.precision import networks
 
 # =========================================================================== config
 
@@ -85,13 +87,16 @@ class Glow(guards.GuardedModel):
 
     LOG_NAMES = ("loss", "prior", "logdet", "bits_per_dim")
 
-    def __init__(self, img_size, level=3, depth=10, coupling_width=512, seed=0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, img_size, level=3, depth=10, coupling_width=512, seed=0,
+                 precision="float32", **kwargs):
+        super().__init__(dtype="float32", **kwargs)
         self.img_size = img_size
         self.latent_dims = img_size * img_size * 3
-        # the f-VAE's flow with Glow's squeeze at the start of each level (SPEC.md)
-        self.flow = MultiScaleFlow((img_size, img_size, 3), level, depth, coupling_width, seed,
-                                   squeeze_first=True, name="flow")
+        # the f-VAE's flow with Glow's squeeze at the start of each level (SPEC.md); its
+        # coupling networks in `precision`, its own layers in float32
+        with networks(precision):
+            self.flow = MultiScaleFlow((img_size, img_size, 3), level, depth, coupling_width,
+                                       seed, squeeze_first=True, name="flow")
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.init_trackers()
 
@@ -125,7 +130,7 @@ class Glow(guards.GuardedModel):
 def build_model(config, verbose=False):
     """The Glow of `config`, compiled and built (weights, optimiser slots), ready to load."""
     model = Glow(config.img_size, config.level, config.depth, config.coupling_width,
-                 config.seed, name="glow")
+                 config.seed, config.precision, name="glow")
     return face_runs.compile_model(model, config, parameter_report if verbose else None)
 
 
@@ -153,7 +158,7 @@ class CollapseRule(keras.callbacks.Callback):
         if self.lowest is None or loss <= self.lowest:
             self.lowest = loss
         elif loss > 0 and epoch >= self.after_epoch and os.path.exists(self.best):
-            self.model.load_weights(self.best)
+            load_weights(self.model, self.best)
             self.model.optimizer.learning_rate.assign(self.lr)
             logs["collapsed"] = 1.0
             print(f"epoch {epoch + 1}: loss {loss:.1f} > 0 after epoch {self.after_epoch}: the "

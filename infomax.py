@@ -43,7 +43,8 @@ from common import UsageError
 from cli import option
 from speedups import BatchNormalization, FusedAdam
 from training import distribute, guards, monitor
-from training.checkpoint import atomic_save_weights
+from training.checkpoint import atomic_save_weights, load_weights
+from training.precision import networks, to_float32, wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
 # =========================================================================== configuration
@@ -210,11 +211,12 @@ def feature_extractor(encoder):
 
 def build_discriminator(input_shape, name):
     """Dense(256, relu) x 3 -> Dense(1, sigmoid) on the last axis. On (4, 4, 512) inputs this
-    is the local discriminator: the same MLP at every position (= 1x1 convolutions)."""
+    is the local discriminator: the same MLP at every position (= 1x1 convolutions). The
+    score, which goes into a log, is computed in float32 whatever the precision."""
     return keras.Sequential(
         [keras.Input(input_shape)]
         + [keras.layers.Dense(DISCRIMINATOR_UNITS, activation="relu") for _ in range(3)]
-        + [keras.layers.Dense(1, activation="sigmoid")], name=name)
+        + [keras.layers.Dense(1, activation="sigmoid", dtype="float32")], name=name)
 
 
 # =========================================================================== the loss
@@ -237,9 +239,11 @@ def score_pairs(discriminator, left, right, perm):
     feature map's product, gathered. That is a quarter of the local discriminator's
     first-layer FLOPs, and no tiled copies of z. `left` is (B, z) or (B, 1, 1, z)."""
     first, rest = discriminator.layers[0], discriminator.layers[1:]
-    kernel_left, kernel_right = ops.split(first.kernel, [left.shape[-1]], axis=0)
-    left = ops.matmul(left, kernel_left)
-    right = ops.matmul(right, kernel_right) + first.bias
+    dtype = first.compute_dtype  # the layer's own precision, as when Keras calls it
+    kernel = ops.cast(first.kernel, dtype)
+    kernel_left, kernel_right = ops.split(kernel, [left.shape[-1]], axis=0)
+    left = ops.matmul(ops.cast(left, dtype), kernel_left)
+    right = ops.matmul(ops.cast(right, dtype), kernel_right) + ops.cast(first.bias, dtype)
     positives = first.activation(left + right)
     negatives = first.activation(left + ops.take(right, perm, axis=0))
     for layer in rest:
@@ -304,13 +308,15 @@ class InfoMax(guards.GuardedModel):
                  "global_acc_pos", "global_acc_neg", "local_acc_pos", "local_acc_neg")
 
     def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None,
-                 sync_bn=False, negative_groups=1, local_size=LOCAL_MAP_SIZE, **kwargs):
-        super().__init__(**kwargs)
-        self.encoder = build_encoder(img_size, z_dim, sync_bn, local_size)
-        self.global_discriminator = build_discriminator((2 * z_dim,), "global_discriminator")
-        side, _, channels = self.encoder.outputs[2].shape[1:]
-        self.local_discriminator = build_discriminator((side, side, z_dim + channels),
-                                                       "local_discriminator")
+                 sync_bn=False, negative_groups=1, local_size=LOCAL_MAP_SIZE,
+                 precision="float32", **kwargs):
+        super().__init__(dtype="float32", **kwargs)  # the loss and its parts: float32
+        with networks(precision):  # the encoder and discriminators: in `precision`
+            self.encoder = build_encoder(img_size, z_dim, sync_bn, local_size)
+            self.global_discriminator = build_discriminator((2 * z_dim,), "global_discriminator")
+            side, _, channels = self.encoder.outputs[2].shape[1:]
+            self.local_discriminator = build_discriminator((side, side, z_dim + channels),
+                                                           "local_discriminator")
         self.loss_weights_ = tuple(loss_weights)
         self.negative_groups = negative_groups  # negatives within blocks of each replica's part
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -323,7 +329,7 @@ class InfoMax(guards.GuardedModel):
         """Sample z from the posterior, draw the two negative permutations, score the loss.
         On several replicas each scores its own part of the batch (with its rows of the global
         batch's noise), drawing negatives from that part."""
-        mu, logvar, local_map = self.encoder(images, training=training)
+        mu, logvar, local_map = map(to_float32, self.encoder(images, training=training))
         noise = distribute.replica_draw(
             lambda shape: keras.random.normal(shape, seed=self.seed_generator), ops.shape(mu))
         z = mu + ops.exp(logvar / 2) * noise
@@ -340,18 +346,21 @@ def build_model(config):
     """The InfoMax model of `config`, compiled and built (weights, optimiser slots)."""
     keras.utils.set_random_seed(config.seed)  # the same seed gives the same initial weights
     model = InfoMax(config.img_size, config.z_dim, config.loss_weights, seed=config.seed,
-                    sync_bn=config.sync_bn, local_size=config.local_size)
-    model.compile(optimizer=FusedAdam(config.lr), jit_compile=bool(config.jit_compile))
+                    sync_bn=config.sync_bn, local_size=config.local_size,
+                    precision=config.precision)
+    model.compile(optimizer=wrap_optimizer(FusedAdam(config.lr), config.precision),
+                  jit_compile=bool(config.jit_compile))
     model.build((None, config.img_size, config.img_size, 3))
     model.optimizer.build(model.trainable_variables)  # so that a resume can load its state
     return model
 
 
-def benchmark_setup(dataset="cifar10", batch_size=64, quick=False):
-    """For bench/bench.py: the model of `dataset` at SPEC.md's size, compiled as for training,
-    and one batch of random images in the model's pixel range (batch 8 with `quick`)."""
+def benchmark_setup(dataset="cifar10", batch_size=64, quick=False, precision="float32"):
+    """For bench/bench.py: the model of `dataset` at SPEC.md's size in `precision`, compiled
+    as for training, and one batch of random images in the model's pixel range (batch 8 with
+    `quick`)."""
     config = resolve(Config(dataset=dataset, batch_size=8 if quick else batch_size,
-                            jit_compile=bool(tf_setup.visible_gpus())))
+                            jit_compile=bool(tf_setup.visible_gpus()), precision=precision))
     model = build_model(config)
     shape = (config.batch_size, config.img_size, config.img_size, 3)
     images = np.random.RandomState(0).randint(0, 256, shape).astype("uint8")
@@ -408,6 +417,7 @@ def train(config, out, evaluation):
 
     with prepare_run(config, out, Config.MODEL_KEYS, per_replica_minimum=2,  # 2: a negative
                      load_data=checked_data) as run:                        # in every replica
+        config = run.config  # XLA decided
         training_set, test_set = run.data
         print(f"{config.dataset}: {len(training_set[0])} training and {len(test_set[0])} test "
               f"images of {config.img_size}x{config.img_size}")
@@ -545,7 +555,7 @@ def evaluate(args):
     training_set, test_set = load_data(config)
     model = build_model(config)
     try:
-        model.load_weights(weights)
+        load_weights(model, weights)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"{weights}: cannot load ({e})") from None
     evaluate_encoder(args.out, model.encoder, config, training_set, test_set,

@@ -3,6 +3,7 @@
     python bench/bench.py                      # peak + the five paper configurations
     python bench/bench.py --models fvae64      # one model
     python bench/bench.py --quick              # smoke test: tiny configurations, few steps
+    python bench/bench.py --precision float32 mixed_bfloat16   # each model in each precision
     python bench/bench.py --json bench/result.json
 
 What it does, in one process tree so that every ratio is taken in the same run:
@@ -19,7 +20,11 @@ What it does, in one process tree so that every ratio is taken in the same run:
    gradient ops; element-wise ops are not counted). They are the FLOPs this code does, so
    they are below the original's where it skips work (f-VAE: no zero-padding taps on the
    2x2 and 1x1 maps); "vs original" compares images/s, not FLOPs;
-4. prints one table and writes it as JSON. "vs original" is the peak-normalised speed-up
+4. with `--precision`, each model in each precision, every one in its own subprocess, and
+   the peaks of each precision (bfloat16 and float16 matmuls and a 3x3 convolution beside
+   float32's); a step's share of peak is of its own precision's peak, and "vs float32" is
+   its images/s over the same model's in float32, same run;
+5. prints one table and writes it as JSON. "vs original" is the peak-normalised speed-up
    over the author's Keras 2 scripts: (images/s / peak) here over (images/s / peak) there,
    with figures of the original measured on another machine (issue 5).
 
@@ -72,30 +77,64 @@ ORIGINAL_RATIO_KEY = {"default": "vs_original_default_kernels", "onednn": "vs_or
 ORIGINAL_QUICK_MODEL = "infomax_cifar10"
 
 
-def measure_peak(size=2048, repeats=9):
-    import tensorflow as tf
-    a = tf.random.normal((size, size))
-    b = tf.random.normal((size, size))
-    matmul = tf.function(lambda x, y: tf.matmul(x, y))
-    matmul(a, b).numpy()
+# The low-precision peaks: a size^3 matmul, and a 3x3 convolution of a batch of 32 maps of
+# 32x32x256 to 256 channels (forward), the shape of the widest coupling and encoder layers.
+CONV_PEAK_SHAPE = (32, 32, 32, 256, 256)
+PRECISION_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def median_rate(function, flops, repeats):
+    function().numpy()
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(a, b).numpy()
-        rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+        function().numpy()
+        rates.append(flops / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
 
 
-def measure_peaks(size):
-    """The matmul peak with TensorFlow's default Eigen kernels and with oneDNN (which the
-    scripts turn on), each in a fresh process since the choice is read at import."""
+def measure_peak(size=2048, repeats=9, dtype="float32", kind="matmul"):
+    import tensorflow as tf
+    if kind == "matmul":
+        a = tf.cast(tf.random.normal((size, size)), dtype)
+        b = tf.cast(tf.random.normal((size, size)), dtype)
+        matmul = tf.function(lambda: tf.matmul(a, b))
+        return median_rate(matmul, 2 * size**3, repeats)
+    batch, h, w, c_in, c_out = CONV_PEAK_SHAPE
+    x = tf.cast(tf.random.normal((batch, h, w, c_in)), dtype)
+    k = tf.cast(tf.random.normal((3, 3, c_in, c_out)) * 0.05, dtype)
+    conv = tf.function(lambda: tf.nn.conv2d(x, k, 1, "SAME"))
+    return median_rate(conv, 2 * batch * h * w * 9 * c_in * c_out, repeats)
+
+
+def measure_peaks(size, precisions=("float32",)):
+    """The float32 matmul peak with TensorFlow's default Eigen kernels and with oneDNN (which
+    the scripts turn on), and for each other precision its matmul and convolution peaks
+    with oneDNN, each in a fresh process since the kernels are chosen at import."""
     peaks = {}
-    for kernels, flag in (("eigen", "0"), ("onednn", "1")):
+    readings = [("eigen", "0", "float32", "matmul"), ("onednn", "1", "float32", "matmul")]
+    if any(p != "float32" for p in precisions):
+        readings.append(("onednn conv", "1", "float32", "conv"))
+    for precision in precisions:
+        if precision != "float32":
+            dtype = PRECISION_DTYPE[precision]
+            readings += [(f"{dtype} matmul", "1", dtype, "matmul"),
+                         (f"{dtype} conv", "1", dtype, "conv")]
+    for label, flag, dtype, kind in readings:
         env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=flag)
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", str(size)],
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak", str(size),
+                              "--peak-dtype", dtype, "--peak-kind", kind],
                              capture_output=True, text=True, env=env, check=True)
-        peaks[kernels] = float(out.stdout.strip().splitlines()[-1])
+        peaks[label] = float(out.stdout.strip().splitlines()[-1])
     return peaks
+
+
+def precision_peak(peaks, precision):
+    """The highest reading of a precision's own kernels (float32: also Eigen's matmul)."""
+    dtype = PRECISION_DTYPE[precision]
+    if dtype == "float32":
+        return max(v for k, v in peaks.items() if not k.startswith(("bfloat16", "float16")))
+    return max(v for k, v in peaks.items() if k.startswith(dtype))
 
 
 def count_flops(concrete_function):
@@ -105,7 +144,7 @@ def count_flops(concrete_function):
     return model_analyzer.profile(concrete_function.graph, options=opts).total_float_ops
 
 
-def run_one(name, steps, warmup, quick):
+def run_one(name, steps, warmup, quick, precision="float32"):
     """Runs in a subprocess: build, warm up, time; returns a dict of numbers."""
     import importlib
     import numpy as np
@@ -113,7 +152,8 @@ def run_one(name, steps, warmup, quick):
     script, config, batch = PAPER[name]
     module = importlib.import_module(script)
     # Each script's hook returns (model, batch of random data of the right shape).
-    model, data = module.benchmark_setup(batch_size=batch, quick=quick, **config)
+    model, data = module.benchmark_setup(batch_size=batch, quick=quick, precision=precision,
+                                         **config)
     batch = int(data.shape[0])
     step = tf.function(model.train_step, jit_compile=getattr(model, "jit_compile", None) or False,
                        reduce_retracing=True)
@@ -130,7 +170,7 @@ def run_one(name, steps, warmup, quick):
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return {
-        "model": name, "batch": batch, "steps_timed": steps,
+        "model": name, "precision": precision, "batch": batch, "steps_timed": steps,
         "median_step_s": median, "min_step_s": min(times),
         "images_per_s": batch / median, "flops_per_step": flops,
         "gflops_per_s": flops / median / 1e9,
@@ -204,7 +244,8 @@ def add_original(row, timings, quick):
 
 def add_ratios(row, peak, quick=False, eigen_peak=None):
     row["share_of_peak"] = row["gflops_per_s"] / peak
-    if not quick and row["model"] in ORIGINAL_IMAGES_PER_S:  # issue 5 did not time Glow
+    if (not quick and row["model"] in ORIGINAL_IMAGES_PER_S  # issue 5 did not time Glow
+            and row.get("precision", "float32") == "float32"):  # the original ran in float32
         row["flops_vs_original"] = row["flops_per_step"] / ORIGINAL_FLOPS_PER_STEP[row["model"]]
         row["speedup_vs_original"] = ((row["images_per_s"] / peak)
                                       / (ORIGINAL_IMAGES_PER_S[row["model"]] / ORIGINAL_PEAK_GFLOPS))
@@ -265,18 +306,26 @@ def main():
     parser.add_argument("--original-steps", type=int, metavar="N",
                         help="timed steps of the original (default: --steps; --quick: 1); the f-VAE "
                              "128x128 original can take over 10 s a step")
+    parser.add_argument("--precision", nargs="+", default=["float32"],
+                        choices=sorted(PRECISION_DTYPE),
+                        help="time each model in each of these precisions (the scripts' "
+                             "--precision), and measure each one's peak; default: float32")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--peak", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--peak-kind", default="matmul", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 20)
     warmup = args.warmup or (1 if args.quick else 3)
 
     if args.peak:
-        print(measure_peak(args.peak))
+        print(measure_peak(args.peak, dtype=args.peak_dtype, kind=args.peak_kind))
         return
     if args.worker:
-        print(json.dumps(run_one(args.worker, steps, warmup, args.quick)))
+        print(json.dumps(run_one(args.worker, steps, warmup, args.quick, args.worker_precision)))
         return
+    precisions = list(dict.fromkeys(args.precision))
 
     original_models = []
     if args.original_src:
@@ -293,17 +342,19 @@ def main():
     original_warmup = 1 if args.quick else warmup
 
     size = 512 if args.quick else 2048
-    peak_kernels = measure_peaks(size)
-    peak = max(peak_kernels.values())
-    print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({peak_kernels})", flush=True)
+    peak_kernels = measure_peaks(size, precisions)
+    peak = precision_peak(peak_kernels, "float32")
+    print(f"peaks, GFLOP/s: {json.dumps({k: round(v, 1) for k, v in peak_kernels.items()})}",
+          flush=True)
     rows, params_match = [], True
-    for name in args.models:
+    for name, precision in [(n, p) for n in args.models for p in precisions]:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(steps),
-               "--warmup", str(warmup)] + (["--quick"] if args.quick else [])
-        row = run_json(cmd, name)
+               "--warmup", str(warmup), "--worker-precision", precision] + (
+                   ["--quick"] if args.quick else [])
+        row = run_json(cmd, f"{name} ({precision})")
         rows.append(row)
-        print(f"  {name}: {row['median_step_s']:.3f} s/step", flush=True)
-        if name in original_models:
+        print(f"  {name} ({precision}): {row['median_step_s']:.3f} s/step", flush=True)
+        if name in original_models and precision == precisions[0]:
             timings = {}
             for kernels in original_kernels:
                 timings[kernels] = time_original(args.original_src, name, kernels, original_steps,
@@ -311,34 +362,44 @@ def main():
                 print(f"  {name}, original, {ORIGINAL_KERNELS_LABEL[kernels]}: "
                       f"{timings[kernels]['median_step_s']:.3f} s/step", flush=True)
             params_match = add_original(row, timings, args.quick) and params_match
-    peak_kernels_end = measure_peaks(size)
-    peak_end = max(peak_kernels_end.values())
+    peak_kernels_end = measure_peaks(size, precisions)
+    peak_end = precision_peak(peak_kernels_end, "float32")
     # The peak drifts during a run (frequency, neighbours); the higher reading is what the
     # machine can do, so shares of it are conservative.
     reference = max(peak, peak_end)
     for row in rows:
-        add_ratios(row, reference, args.quick,
+        own = max(precision_peak(peak_kernels, row["precision"]),
+                  precision_peak(peak_kernels_end, row["precision"]))
+        add_ratios(row, own, args.quick,
                    eigen_peak=max(peak_kernels["eigen"], peak_kernels_end["eigen"]))
+        row["peak_gflops_own_precision"] = own
+        float32 = [r for r in rows if r["model"] == row["model"] and r["precision"] == "float32"]
+        if float32:
+            row["vs_float32"] = row["images_per_s"] / float32[0]["images_per_s"]
 
     # With the original timed here, the issue's figures are no longer the only "original".
     issue_figures = "vs original, issue-5 figures" if original_models else "vs original"
-    header = ["model", "batch", "median s", "min s", "images/s", f"FLOPs/step ({issue_figures})", "GFLOP/s",
-              "share of peak", f"{issue_figures} (peak-normalised)", "same, Eigen peak", "peak RSS GB"]
+    header = ["model", "precision", "batch", "median s", "min s", "images/s", "vs float32",
+              f"FLOPs/step ({issue_figures})", "GFLOP/s", "share of its precision's peak",
+              f"{issue_figures} (peak-normalised)", "same, Eigen peak", "peak RSS GB"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['median_step_s']:.3f} | {r['min_step_s']:.3f} | "
-              f"{r['images_per_s']:.1f} | {r['flops_per_step']:.3g} ({r.get('flops_vs_original', float('nan')):.2f}) | "
+        print(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['median_step_s']:.3f} | "
+              f"{r['min_step_s']:.3f} | {r['images_per_s']:.1f} | "
+              f"{r.get('vs_float32', float('nan')):.2f}x | "
+              f"{r['flops_per_step']:.3g} ({r.get('flops_vs_original', float('nan')):.2f}) | "
               f"{r['gflops_per_s']:.1f} | "
               f"{100 * r['share_of_peak']:.0f} % | {r.get('speedup_vs_original', float('nan')):.2f}x | "
               f"{r.get('speedup_vs_original_eigen_peak', float('nan')):.2f}x | "
               f"{r['peak_rss_gb']:.2f} |")
-    print(f"\npeak before: {peak:.1f} GFLOP/s, after: {peak_end:.1f} GFLOP/s; "
-          f"shares are of the higher, {reference:.1f}")
+    print(f"\nfloat32 peak before: {peak:.1f} GFLOP/s, after: {peak_end:.1f} GFLOP/s; float32 "
+          f"shares are of the higher, {reference:.1f}; other precisions' of their own highest "
+          f"reading ({json.dumps({k: round(v, 1) for k, v in peak_kernels_end.items()})} after)")
     if original_models:
         print_original_table([row for row in rows if "original" in row], original_kernels, args.quick)
     result = {"peak_gflops_start": peak, "peak_gflops_end": peak_end, "peak_gflops_reference": reference,
               "peak_gflops_by_kernels": {"start": peak_kernels, "end": peak_kernels_end},
-              "quick": args.quick,
+              "quick": args.quick, "precisions": precisions,
               "steps": steps, "warmup": warmup, "rows": rows}
     if args.original_src:
         result["original"] = {"src": os.path.abspath(args.original_src), "models": original_models,

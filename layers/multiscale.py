@@ -44,7 +44,7 @@ class FlowStep(FlowLayer):
         return x, logdet
 
 
-class FactorOut(keras.layers.Layer):
+class FactorOut(FlowLayer):
     """End of a level: split (x1, x2); x2 -> CondActNorm conditioned on x1 -> flattened and set
     aside; x1 -> Squeeze, to the next level. Returns (next_x, set_aside, logdet)."""
 
@@ -69,7 +69,7 @@ class FactorOut(keras.layers.Layer):
         return self.split.inverse([x1, x2])
 
 
-class MultiScaleFlow(keras.layers.Layer):
+class MultiScaleFlow(FlowLayer):
     """F: x (H x W x C) -> z (d = H * W * C numbers), `levels` x `depth` FlowSteps with a
     FactorOut between levels, a final ActNorm, and all parts concatenated (set-aside first).
     With `squeeze_first` False (the f-VAE) the squeeze ends a level, inside its FactorOut;

@@ -142,3 +142,121 @@ def test_a_save_resumes_in_another_precision_with_its_adam_state(tmp_path, saved
     for a, b in zip(first.weights, second.weights):
         assert b.dtype == "float32"
         np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+
+
+# ----------------------------------------------------------------------------- the models
+
+def tiny_config(module, precision, **overrides):
+    """The script's config at a tiny size, in `precision`."""
+    import dataclasses
+    sizes = {"f_vaes": dict(img_size=16, level=2, depth=2, res_steps=1, coupling_width=8,
+                            batch_size=4),
+             "glow": dict(img_size=8, level=2, depth=2, coupling_width=8, batch_size=4),
+             "infomax": dict(dataset="folder", img_size=16, z_dim=8, batch_size=4)}[module.__name__]
+    config = module.Config(seed=0, precision=precision, jit_compile=False)
+    config = dataclasses.replace(config, **{**sizes, **overrides})
+    return module.resolve(config) if module.__name__ == "infomax" else config
+
+
+def models():
+    import f_vaes
+    import glow
+    import infomax
+    return [f_vaes, glow, infomax]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["fvae", "glow", "infomax"])
+def test_each_model_trains_a_step_in_each_precision_with_float32_parts(index, policy):
+    """A training step is finite; the variables are float32; every loss part, the flow's
+    latent and log-determinant are float32; the networks compute in the precision."""
+    module = models()[index]
+    config = tiny_config(module, policy)
+    keras.utils.set_random_seed(0)
+    model = module.build_model(config)
+    x = np.random.RandomState(0).uniform(-1, 1, (4, config.img_size, config.img_size, 3))
+    x = x.astype("float32")
+    logs = model.train_step(x)
+    if policy == "mixed_float16":  # the first steps may overflow while the loss scale settles
+        for _ in range(16):
+            if np.isfinite(float(logs["loss"])):
+                break
+            logs = model.train_step(x)
+    assert np.isfinite(float(logs["loss"]))
+    assert float(logs["skipped_steps"]) == 0 or policy == "mixed_float16"
+    assert all(w.dtype in ("float32", "int32", "int64") for w in model.weights)
+    assert all(w.dtype in ("float32", "int32", "int64") for w in model.optimizer.variables)
+    parts = model.loss_parts(x, training=False)
+    assert {t.dtype.name for t in parts.values()} == {"float32"}, {
+        k: t.dtype.name for k, t in parts.items()}
+    low = policy.split("_")[-1]
+    computes = {layer.compute_dtype for layer in model._flatten_layers()}
+    assert computes == ({"float32"} if policy == "float32" else {"float32", low})
+    if index < 2:  # the flow's latent and log-determinant
+        shape = model.encoder.output.shape[1:] if index == 0 else x.shape[1:]
+        z, logdet = model.flow(np.zeros((2, *shape), "float32"))
+        assert z.dtype == logdet.dtype == "float32"
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"])
+def test_the_loss_of_the_same_weights_and_batch_is_close_to_float32s(policy):
+    """The f-VAE's loss of one batch with the same weights and noise: within 0.2 % of
+    float32's, and the flow's round trip F^-1(F(v)) as exact as in float32."""
+    import f_vaes
+    losses, errors = {}, {}
+    for name in ("float32", policy):
+        keras.utils.set_random_seed(0)
+        model = f_vaes.build_model(tiny_config(f_vaes, name, coupling_width=32))
+        if name == "float32":
+            weights = [ops.convert_to_numpy(w) for w in model.weights]
+        else:
+            for w, value in zip(model.weights, weights):
+                w.assign(value)
+        x = np.random.RandomState(1).uniform(-1, 1, (4, 16, 16, 3)).astype("float32")
+        noise = np.random.RandomState(2).randn(4, 2, 2, 192).astype("float32")
+        losses[name] = float(ops.mean(model.loss_parts(x, noise=noise)["loss"]))
+        v = np.random.RandomState(3).randn(4, 2, 2, 192).astype("float32")
+        errors[name] = float(np.abs(ops.convert_to_numpy(
+            model.flow.inverse(model.flow(v)[0])) - v).max())
+    assert abs(losses[policy] - losses["float32"]) <= 0.002 * abs(losses["float32"]), losses
+    assert errors[policy] <= max(2 * errors["float32"], 1e-5), errors
+
+
+def test_mixed_float16_survives_an_overflowing_step():
+    """A step whose float16 gradients overflow (a loss scale of 2^40) is skipped: no weight
+    moves, batch-norm statistics are put back, the loss scale is halved, the step is counted;
+    at a scale that fits, the next step trains."""
+    import f_vaes
+    keras.utils.set_random_seed(0)
+    model = f_vaes.build_model(tiny_config(f_vaes, "mixed_float16"))
+    optimizer = model.optimizer
+    assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    x = np.random.RandomState(0).uniform(-1, 1, (4, 16, 16, 3)).astype("float32")
+    before = [ops.convert_to_numpy(w) for w in model.weights]
+    optimizer.dynamic_scale.assign(2.0 ** 40)
+    logs = model.train_step(x)
+    assert float(logs["skipped_steps"]) == 1
+    assert float(optimizer.dynamic_scale.numpy()) == 2.0 ** 39
+    for w, value in zip(model.weights, before):
+        np.testing.assert_array_equal(ops.convert_to_numpy(w), value, err_msg=w.path)
+    optimizer.dynamic_scale.assign(2.0 ** 8)
+    logs = model.train_step(x)
+    assert float(logs["skipped_steps"]) == 1 and np.isfinite(float(logs["loss"]))
+    assert any(not np.array_equal(ops.convert_to_numpy(w), value)
+               for w, value in zip(model.trainable_weights, before))
+
+
+def test_evaluation_measures_a_low_precision_encoder_in_float32():
+    """feature_eval.encode of an encoder trained in bfloat16 gives the codes of a float32
+    encoder with the same weights (k-NN and probes do not depend on the training precision)."""
+    import feature_eval
+    import infomax
+    keras.utils.set_random_seed(0)
+    low = infomax.build_model(tiny_config(infomax, "mixed_bfloat16")).encoder
+    high = infomax.build_model(tiny_config(infomax, "float32")).encoder
+    high.set_weights(low.get_weights())
+    images = np.random.RandomState(0).randint(0, 256, (6, 16, 16, 3)).astype("uint8")
+    scale = lambda x: ops.cast(x, "float32") / 255.0 - 0.5  # noqa: E731
+    codes, expected = feature_eval.encode(low, images, scale), feature_eval.encode(high, images, scale)
+    assert codes["mu"].dtype == np.float32
+    np.testing.assert_allclose(codes["mu"], expected["mu"], rtol=1e-5, atol=1e-5)

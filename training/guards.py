@@ -9,6 +9,7 @@ from keras import ops
 
 from common import TrainingStopped
 from training import distribute
+from training.checkpoint import load_weights
 
 def all_finite(tensors):
     """One boolean tensor: every value of every tensor (None skipped) is finite."""
@@ -49,6 +50,13 @@ def apply_if_finite(optimizer, loss, gradients, variables, restore=()):
             variable.assign(value)
 
     values = [value for _, value in restore]
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        # mixed_float16: the optimiser unscales, applies only finite gradients and otherwise
+        # lowers its loss scale (an overflow is how it finds the scale); the step is skipped
+        # all the same, batch-norm statistics put back
+        optimizer.apply(gradients, variables)
+        ops.cond(finite, lambda: None, lambda: undo(values))
+        return finite
     if context is None or tf.__internal__.distribute.strategy_supports_no_merge_call():
         ops.cond(finite, lambda: apply(gradients), lambda: undo(values))
     else:
@@ -139,7 +147,7 @@ class NonFiniteRollback(keras.callbacks.Callback):
         source = None
         for path in (self.checkpoint.best, self.checkpoint.latest):
             try:
-                self.model.load_weights(path)  # weights, batch-norm statistics, Adam moments
+                load_weights(self.model, path)  # weights, batch-norm statistics, Adam moments
                 source = path
                 break
             except Exception:  # noqa: BLE001 - missing or unreadable: try the next one
@@ -189,7 +197,8 @@ class GuardedModel(keras.Model):
             if len(loss.shape):  # per example (a mean already is used as it is)
                 loss = ops.mean(loss)
             loss = distribute.replica_share(loss)  # the mean over the global batch
-        gradients = tape.gradient(loss, self.trainable_variables)
+            scaled = self.optimizer.scale_loss(loss)  # mixed_float16 only; else the loss itself
+        gradients = tape.gradient(scaled, self.trainable_variables)
         applied = apply_if_finite(self.optimizer, loss, gradients, self.trainable_variables,
                                   restore=statistics)
         self.skipped.update_state(applied)

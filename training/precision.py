@@ -64,6 +64,20 @@ def resolve(precision, gpus=None, flags=None):
     return precision
 
 
+def describe(precision, gpus=None, flags=None):
+    """What `precision` means here, for the line a run prints when it starts."""
+    policy = resolve(precision, gpus, flags)
+    if precision != "auto":
+        return policy
+    gpus = gpu_capabilities() if gpus is None else gpus
+    if gpus:
+        why = "GPU compute capabilities " + ", ".join(f"{a}.{b}" for a, b in gpus)
+    else:
+        units = sorted(set(BFLOAT16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+        why = "this CPU has " + (" and ".join(units) if units else "no bfloat16 units")
+    return f"{policy} (--precision auto: {why})"
+
+
 @contextlib.contextmanager
 def networks(precision):
     """Layers built inside compute in `precision` (resolved); the global policy is restored
@@ -88,3 +102,18 @@ def wrap_optimizer(optimizer, precision):
     if resolve(precision) == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def in_float32(model):
+    """`model` itself where it computes in float32, else a float32 copy with its weights (the
+    same layers and names): what evaluation runs, so that k-NN, probes and bounds never
+    depend on the precision a run trained in."""
+    if all(layer.compute_dtype == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(model, clone_function=float32_layer)
+    copy.set_weights(model.get_weights())
+    return copy

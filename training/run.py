@@ -33,6 +33,7 @@ from training.distribute import (DISTRIBUTE, AverageReplicaStatistics, check_glo
                                  writable_run_dir, xla_allowed)
 from training import monitor
 from training.guards import NonFiniteRollback
+from training.precision import PRECISIONS, describe as describe_precision
 
 
 @dataclasses.dataclass
@@ -41,6 +42,13 @@ class RunSettings:
     jit_compile: bool = option(None, "compile the training step with XLA (default: only when a "
                                "GPU is visible; on a CPU TensorFlow's oneDNN kernels are "
                                "faster; never with --distribute)", type=bool, aliases=("--jit",))
+    precision: str = option("float32", "float32; mixed_bfloat16 or mixed_float16: the networks' "
+                            "convolutions and matmuls in that precision, everything that decides "
+                            "the likelihood, the inverse and the loss in float32, the weights "
+                            "float32 (a run resumes in another precision); auto: mixed_bfloat16 "
+                            "where the hardware runs it natively (a CPU with AMX or AVX512-BF16, "
+                            "a GPU of compute capability 8.0+), else float32",
+                            choices=PRECISIONS)
     distribute: str = option("none", "train on one device, on all local GPUs (mirrored) or on "
                              "the machines of TF_CONFIG (multiworker); --batch-size stays the "
                              "global batch", choices=DISTRIBUTE)
@@ -156,6 +164,7 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
               else config.jit_compile)
     config = dataclasses.replace(
         config, jit_compile=xla_allowed(wanted, config.distribute, "--jit-compile"))
+    print(f"precision: {describe_precision(config.precision)}", file=sys.stderr)
     run_dir = writable_run_dir(out, strategy)  # --out on the chief only
     ensure_writable_dir(run_dir, "--out" if run_dir == out else "TMPDIR")
     lock = RunFolderLock(out) if run_dir == out else None
