@@ -38,6 +38,7 @@ import face_runs
 import glow
 from feature_eval import label_strip
 from training import monitor
+from training.precision import PRECISIONS
 
 PRESETS = {
     "paper": dict(img_size=64, batch_size=32, steps_per_epoch=1000, epochs=150, samples=64,
@@ -66,7 +67,7 @@ def train_argv(preset, name, args):
             "--batch-size", str(preset["batch_size"]),
             "--steps-per-epoch", str(preset["steps_per_epoch"]), "--holdout", str(args.holdout),
             "--seed", str(args.seed), "--data-dir", args.data_dir,
-            "--out", os.path.join(args.out, name)]
+            "--precision", args.precision, "--out", os.path.join(args.out, name)]
 
 
 def run_script(script, argv):
@@ -180,6 +181,8 @@ def parse_args(argv=None):
     parser.add_argument("--holdout", type=int, default=500,
                         help="the last N files of the sorted folder, the same for every model")
     parser.add_argument("--seed", type=int, default=0, help="the same for every model")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="each script's --precision (the same for every model)")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
     args.data_dir = args.data_dir or os.path.relpath(face_runs.DEFAULT_DATA[64])
