@@ -612,32 +612,14 @@ def search_encoder(folder=PRETRAINED):
 
 
 def index(args):
-    """Index every image under --folder with the run's encoder (search/), or bring that index
-    up to date."""
-    sizes = {k: v for k, v in (("batch_size", args.batch_size),
-                               ("commit_every", args.commit_every)) if v is not None}
-    search.Index.build(args.folder, search_encoder(args.out), args.index,
-                       approximate=args.approximate, metric=args.metric, **sizes)
+    """Index every image under --folder with the run's encoder, or bring that index up to
+    date (search/)."""
+    return search.index_command(args, search_encoder)
 
 
 def search_command(args):
-    """The nearest indexed images (by mu) of each --query image: printed, drawn next to the
-    query (search_<query>_<metric>.png) and written as CSV/JSON (--results). Against --index,
-    or the index of --folder (in the run, or at --index), brought up to date first."""
-    if args.folder is not None:
-        out = args.out or "runs/infomax"
-        found = search.Index.build(args.folder, search_encoder(out), args.index)
-    elif args.index is not None:
-        found = search.Index.open(args.index)
-        out = args.out or found.encoder_folder
-        found.use_encoder(search_encoder(out))
-    else:
-        raise UsageError("search needs --index (an index) or --folder (a folder to index)")
-    names, images = found.query_images(args.query)
-    matches = found.search_codes(names, found.query_codes(images), args.top, args.metric,
-                                 args.approximate)
-    search.report(found, matches, images, out, args.max_pictures, args.results)
-    return matches
+    """The nearest indexed images (by mu) of each --query image (search/)."""
+    return search.search_command(args, search_encoder, default_out="runs/infomax")
 
 
 def encode_folder(args):
@@ -694,16 +676,6 @@ def add_evaluation_flags(parser):
                              "(quick looks; default: all)")
 
 
-def add_index_flag(parser):
-    parser.add_argument("--index", default=None, metavar="PATH",
-                        help="the index folder (default: indexes/<folder name>-<hash> in the run)")
-
-
-def add_metric_flag(parser):
-    parser.add_argument("--metric", choices=("cosine", "euclidean"), default="cosine",
-                        help="similarity of the codes mu")
-
-
 def parse_args(argv=None):
     """The command and its flags; for `train`, `args.config` is the resolved Config."""
     parser, commands = cli.command_parser(__doc__, COMMANDS)
@@ -721,41 +693,8 @@ def parse_args(argv=None):
                                 help="where the run's data set is now (default: as saved)")
     add_evaluation_flags(evaluate_flags)
 
-    index_flags = commands["index"]
-    index_flags.add_argument("--out", default="runs/infomax", help="the run whose encoder indexes")
-    index_flags.add_argument("--folder", required=True,
-                             help="the folder of images to index (recursively)")
-    add_index_flag(index_flags)
-    index_flags.add_argument("--batch-size", type=int, default=None,
-                             help="images per encoder call (default: search.index.BATCH_SIZE, 256)")
-    index_flags.add_argument("--commit-every", type=int, default=None, metavar="N",
-                             help="images between saved progress records, what a killed indexing "
-                                  "encodes again (default: search.index.COMMIT_EVERY, 8192)")
-    index_flags.add_argument("--approximate", action="store_true",
-                             help="also build an approximate index (faiss, for millions of "
-                                  "images) for --metric and measure its recall")
-    add_metric_flag(index_flags)
-
-    search_flags = commands["search"]
-    search_flags.add_argument("--out", default=None,
-                              help="the run whose encoder encodes the queries, and where the "
-                                   "pictures and results go (default: the index's run; "
-                                   "runs/infomax with --folder)")
-    search_flags.add_argument("--folder", default=None,
-                              help="the folder of images to search: its index (in the run, or "
-                                   "at --index) is made or brought up to date first")
-    add_index_flag(search_flags)
-    search_flags.add_argument("--query", nargs="+", required=True,
-                              help="one or more query image files, or folders of them")
-    search_flags.add_argument("--top", "-k", type=int, default=9, help="neighbours per query")
-    add_metric_flag(search_flags)
-    search_flags.add_argument("--approximate", action="store_true",
-                              help="search the index's approximate (faiss) index, not exactly")
-    search_flags.add_argument("--results", default=None, metavar="FILE",
-                              help="where the results go, .csv or .json: query, rank, file, "
-                                   "score (default: search_results.csv in --out)")
-    search_flags.add_argument("--max-pictures", type=int, default=16, metavar="N",
-                              help="neighbour pictures for the first N queries only")
+    search.add_index_flags(commands["index"], default_out="runs/infomax")
+    search.add_search_flags(commands["search"], default_out="runs/infomax")
 
     for name in ("encode", "export"):
         commands[name].add_argument("--out", default="runs/infomax", help="the run folder")
