@@ -321,20 +321,68 @@ def command_evaluate(args, config, model):
                                      dequantise)
     samples = getattr(args, "samples", 1)
     if samples > 1:
-        results = importance_weighted(model, dataset, samples)
+        results, draws = importance_weighted(model, dataset, samples)
     else:
         results = model.evaluate(dataset, return_dict=True, verbose=0)
     results["reconstruction_rmse"] = reconstruction_rmse(model, files, config.img_size)
+    if hasattr(model, "log_precision"):  # a decoder: the bound at its best scale too
+        dims = config.img_size ** 2 * 3
+        results["log_precision"] = float(ops.convert_to_numpy(model.log_precision))
+        results["fitted_log_precision"] = fitted_log_precision(model, config, args.seed)
+        refit = lambda loss, recon: refitted_loss(  # noqa: E731
+            loss, recon, dims, results["log_precision"], results["fitted_log_precision"])
+        loss = (np.mean(iwae_bound(refit(*draws))) if samples > 1
+                else refit(results["loss"], results["recon"]))
+        results["loss_fitted_t_x"] = float(loss)
+        results["bits_per_dim_fitted_t_x"] = float(bits_per_dim(loss, dims))
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
           f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
-          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255):")
-    for name in (*model.LOG_NAMES, "reconstruction_rmse"):
+          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255; *_fitted_t_x: "
+          f"the bound with the decoder's scale t_x set to its best value on training images):")
+    for name in (*model.LOG_NAMES, "reconstruction_rmse", "log_precision",
+                 "fitted_log_precision", "loss_fitted_t_x", "bits_per_dim_fitted_t_x"):
         if results.get(name) is not None:
             print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
                        **{k: None if v is None else float(v) for k, v in results.items()}})
     return results
+
+
+FIT_IMAGES = 1000  # training images that set the fitted decoder scale t_x*
+
+
+def squared_residuals(recon, dims, log_precision):
+    """sum((G(v) - x)^2) per image, from the reconstruction term of the loss at the decoder's
+    log-precision t_x: recon = 0.5*exp(2 t_x)*sum(r^2) + 0.5*D*log(2pi) - D*t_x."""
+    recon = np.asarray(recon, np.float64)
+    return 2.0 * (recon - 0.5 * dims * LOG_2PI + dims * log_precision) * np.exp(-2.0 * log_precision)
+
+
+def refitted_loss(loss, recon, dims, log_precision, fitted):
+    """The loss with its reconstruction term at log-precision `fitted` instead of t_x (the
+    other terms do not depend on t_x), per image and sample."""
+    squares = squared_residuals(recon, dims, log_precision)
+    refit = 0.5 * np.exp(2.0 * fitted) * squares + 0.5 * dims * LOG_2PI - dims * fitted
+    return np.asarray(loss, np.float64) - np.asarray(recon, np.float64) + refit
+
+
+def fitted_log_precision(model, config, seed, images=FIT_IMAGES):
+    """t_x* = -1/2 ln(mean squared residual), the decoder scale that minimises the
+    reconstruction term on up to `images` training images (dequantised, one posterior draw
+    each, as evaluate scores): the one free scalar of the bound, set in closed form. Early
+    in training t_x lags far behind it (Adam moves it about lr a step)."""
+    files = split_files(image_files.list_image_files(config.data_dir), config.holdout)[0]
+    picks = np.sort(np.random.RandomState(seed).choice(len(files), min(images, len(files)),
+                                                       replace=False))
+    files, _ = image_files.find_readable_images([files[i] for i in picks], config.img_size,
+                                                verbose=False)
+    dims = config.img_size ** 2 * 3
+    t_x = float(ops.convert_to_numpy(model.log_precision))
+    squares = [squared_residuals(ops.convert_to_numpy(model.loss_parts(x)["recon"]), dims, t_x)
+               for x in datasets.image_dataset(files, config.img_size, config.batch_size,
+                                               dequantise)]
+    return float(-0.5 * np.log(np.mean(np.concatenate(squares)) / dims))
 
 
 def reconstruction_rmse(model, files, img_size, batch=32):
@@ -361,17 +409,23 @@ def iwae_bound(losses):
 
 def importance_weighted(model, dataset, samples):
     """Mean IWAE bound over the images of `dataset` with `samples` posterior draws each, as
-    the `loss` and `bits_per_dim` of evaluate (the other parts: their mean over the draws)."""
+    the `loss` and `bits_per_dim` of evaluate (the other parts: their mean over the draws);
+    and the draws' (loss, recon), each (K, N), for the bound at a refitted decoder scale."""
     bounds, parts = [], {name: [] for name in model.LOG_NAMES if name not in ("loss", "bits_per_dim")}
+    kept = {"loss": [], "recon": []}
     for x in dataset:
         draws = [model.loss_parts(x) for _ in range(samples)]  # a new u each call
         bounds.append(iwae_bound([ops.convert_to_numpy(d["loss"]) for d in draws]))
         for name in parts:
             parts[name].append(np.mean([ops.convert_to_numpy(d[name]) for d in draws], axis=0))
+        for name in kept:
+            if name in draws[0]:
+                kept[name].append(np.stack([ops.convert_to_numpy(d[name]) for d in draws]))
     loss = float(np.mean(np.concatenate(bounds)))
     dims = model.img_size ** 2 * 3
+    draws = tuple(np.concatenate(v, axis=1) if v else None for v in kept.values())
     return {"loss": loss, "bits_per_dim": float(bits_per_dim(loss, dims)),
-            **{name: float(np.mean(np.concatenate(v))) for name, v in parts.items()}}
+            **{name: float(np.mean(np.concatenate(v))) for name, v in parts.items()}}, draws
 
 
 def command_encode(args, config, model):

@@ -1,30 +1,37 @@
 """Does a lower precision train the same model? The same short run of a script, from the same
-seed, in float32 and in another precision, compared: the mean loss of every 200 steps (the
-run's log.csv, one line per 200-step epoch), then held-out bits/dim (f-VAE, `evaluate`) or
-k-NN and probe accuracies (InfoMax, on the whole test split), and both curves in one plot.
+seed, in float32 and in another precision, compared: the mean training loss of every 200
+steps (from the running means the run logs every 100 steps to TensorBoard), then held-out
+bits/dim (f-VAE, `evaluate`) or k-NN and probe accuracies of mu (InfoMax, on the whole test
+split), and both curves in one plot.
 
-    python experiments/precision_fidelity.py fvae64 --out /work/runs/fidelity-fvae64
+    python experiments/precision_fidelity.py fvae64 --out runs/fidelity-fvae64
     python experiments/precision_fidelity.py infomax_cifar10 --data-dir data/cifar10 \\
-        --out /work/runs/fidelity-infomax
+        --out runs/fidelity-infomax
 
 The runs are the scripts' own commands (printed as they start), so each can be resumed or
-looked at like any run; a finished run is not trained again. The targets of the comparison:
-every 200-step mean loss within 1 % of float32's, bits/dim within 0.02, k-NN within 1 point.
+looked at like any run; a finished run is not trained again. `--reference RUN` takes the
+float32 side from a run already trained with the same seed and flags (its weights at
+`--steps`, e.g. a copy of a long run's save at that step) instead of training it again.
+The targets of the comparison: every 200-step mean loss within 1 % of float32's, bits/dim
+within 0.02, k-NN within 1 point.
 """
 
 import argparse
-import csv
+import glob
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-STEPS_PER_LINE = 200
+STEPS_PER_LINE = 200  # the curve's points: mean losses of blocks of this many steps
+LOG_EVERY = 100
 MODELS = {
     "fvae64": ("f_vaes.py", ["--img-size", "64"]),
     "infomax_cifar10": ("infomax.py", ["--dataset", "cifar10", "--monitor-knn", "0",
@@ -36,21 +43,45 @@ def train(model, precision, args):
     script, flags = MODELS[model]
     out = os.path.join(args.out, precision)
     argv = [sys.executable, os.path.join(ROOT, script), *flags, "--precision", precision,
-            "--seed", str(args.seed), "--steps-per-epoch", str(STEPS_PER_LINE),
-            "--epochs", str(args.steps // STEPS_PER_LINE), "--out", out]
+            "--seed", str(args.seed), "--steps-per-epoch", str(args.steps_per_epoch),
+            "--epochs", str(args.steps // args.steps_per_epoch), "--log-every", str(LOG_EVERY),
+            "--out", out]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     print(" ".join(argv[1:]), flush=True)
     subprocess.run(argv, check=True, cwd=ROOT)
-    if model == "fvae64":
-        subprocess.run([sys.executable, os.path.join(ROOT, script), "evaluate", "--out", out,
-                        "--weights", "latest", "--seed", "0"], check=True, cwd=ROOT)
     return out
 
 
-def losses(run_dir):
-    with open(os.path.join(run_dir, "log.csv")) as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+def evaluate(model, run_dir):
+    if model == "fvae64":
+        subprocess.run([sys.executable, os.path.join(ROOT, MODELS[model][0]), "evaluate",
+                        "--out", run_dir, "--weights", "latest", "--seed", "0"],
+                       check=True, cwd=ROOT)
+
+
+def losses(run_dir, steps):
+    """The mean loss of each block of STEPS_PER_LINE steps up to `steps`, from the running
+    means of the epoch so far that the run logged every LOG_EVERY steps (the step's running
+    sum is the mean times the steps since the epoch began)."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        per_epoch = json.load(f)["steps_per_epoch"]
+    if per_epoch % STEPS_PER_LINE:
+        raise SystemExit(f"{run_dir}: steps_per_epoch {per_epoch} is not a multiple of "
+                         f"{STEPS_PER_LINE}")
+    running = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "steps", "*"))):
+        events = EventAccumulator(path, size_guidance={"tensors": 0})
+        events.Reload()
+        for event in events.Tensors("loss"):
+            running[event.step] = float(tf.make_ndarray(event.tensor_proto))
+    sums = {step: mean * ((step - 1) % per_epoch + 1) for step, mean in running.items()}
+    blocks = []
+    for end in range(STEPS_PER_LINE, steps + 1, STEPS_PER_LINE):
+        start = end - STEPS_PER_LINE
+        before = 0.0 if start % per_epoch == 0 else sums[start]
+        blocks.append((sums[end] - before) / STEPS_PER_LINE)
+    return blocks
 
 
 def final_numbers(model, run_dir):
@@ -87,16 +118,25 @@ def main(argv=None):
     parser.add_argument("--precision", default="mixed_bfloat16",
                         choices=("mixed_bfloat16", "mixed_float16"),
                         help="the precision compared with float32")
-    parser.add_argument("--steps", type=int, default=2000, help="a multiple of 200")
+    parser.add_argument("--steps", type=int, default=2000,
+                        help="a multiple of --steps-per-epoch")
+    parser.add_argument("--steps-per-epoch", type=int, default=1000, help="a multiple of 200")
+    parser.add_argument("--reference", default=None, metavar="RUN",
+                        help="a float32 run of the same seed and flags, saved at --steps, "
+                             "instead of training one")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot", default=None, help="the picture (default: in --out)")
     args = parser.parse_args(argv)
-    if args.steps < STEPS_PER_LINE or args.steps % STEPS_PER_LINE:
-        parser.error(f"--steps {args.steps}: expected a positive multiple of {STEPS_PER_LINE}")
-    runs = {p: train(args.model, p, args) for p in ("float32", args.precision)}
-    curves = {p: losses(run) for p, run in runs.items()}
+    if args.steps_per_epoch % STEPS_PER_LINE or args.steps % args.steps_per_epoch:
+        parser.error(f"--steps {args.steps}, --steps-per-epoch {args.steps_per_epoch}: expected "
+                     f"multiples of {args.steps_per_epoch} and {STEPS_PER_LINE}")
+    runs = {"float32": args.reference or train(args.model, "float32", args),
+            args.precision: train(args.model, args.precision, args)}
+    for run in runs.values():
+        evaluate(args.model, run)
+    curves = {p: losses(run, args.steps) for p, run in runs.items()}
     reference, other = curves["float32"], curves[args.precision]
     gaps = [abs(b - a) / abs(a) for a, b in zip(reference, other)]
     numbers = {p: final_numbers(args.model, run) for p, run in runs.items()}

@@ -1,0 +1,66 @@
+"""The bound at the fitted decoder scale (`evaluate`'s *_fitted_t_x): the squared residuals are
+read back exactly from the reconstruction term, the refitted loss is the loss at t_x and is
+lowest at t_x* = -1/2 ln(mean squared residual), and evaluate reports it for the VAEs (K = 1
+and the importance-weighted bound) but not for Glow."""
+
+import json
+
+import numpy as np
+import pytest
+from keras import ops
+
+import f_vaes
+import face_runs
+from test_f_vaes import smooth_images, tiny_model, tiny_run  # noqa: F401 (a fixture)
+
+DIMS = 16 * 16 * 3
+
+
+def parts_and_residuals():
+    model = tiny_model(seed=2)
+    x = smooth_images(4, 16, seed=3)
+    noise = np.random.RandomState(4).randn(4, 2, 2, 192).astype("float32")
+    parts = model.loss_parts(x, noise=noise)
+    v = np.exp(model.log_noise_scale.numpy()) * noise + ops.convert_to_numpy(model.encoder(x))
+    rebuilt = ops.convert_to_numpy(model.decoder(v))
+    squares = np.square(rebuilt.astype("float64") - x).reshape(4, -1).sum(1)
+    return model, parts, squares
+
+
+def test_squared_residuals_are_read_back_from_the_reconstruction_term():
+    model, parts, squares = parts_and_residuals()
+    t_x = float(model.log_precision.numpy())
+    assert t_x == pytest.approx(0.3)
+    found = face_runs.squared_residuals(ops.convert_to_numpy(parts["recon"]), DIMS, t_x)
+    np.testing.assert_allclose(found, squares, rtol=1e-3)
+
+
+def test_the_refitted_loss_is_the_loss_at_t_x_and_lowest_at_the_fitted_scale():
+    model, parts, squares = parts_and_residuals()
+    t_x = float(model.log_precision.numpy())
+    loss, recon = (ops.convert_to_numpy(parts[k]) for k in ("loss", "recon"))
+    np.testing.assert_allclose(face_runs.refitted_loss(loss, recon, DIMS, t_x, t_x), loss,
+                               rtol=1e-6)
+    fitted = -0.5 * np.log(squares.mean() / DIMS)
+    mean_at = lambda t: face_runs.refitted_loss(loss, recon, DIMS, t_x, t).mean()  # noqa: E731
+    assert mean_at(fitted) < min(mean_at(fitted - 0.05), mean_at(fitted + 0.05), mean_at(t_x))
+    # the closed form: recon at t = 0.5 e^{2t} S + D/2 ln 2pi - D t, S the squared residuals
+    expected = loss - recon + (0.5 * np.exp(2 * fitted) * squares + 0.5 * DIMS * np.log(2 * np.pi)
+                               - DIMS * fitted)
+    np.testing.assert_allclose(face_runs.refitted_loss(loss, recon, DIMS, t_x, fitted), expected,
+                               rtol=1e-4)
+
+
+@pytest.mark.parametrize("samples", ["1", "3"])
+def test_evaluate_reports_the_bound_at_the_fitted_scale(tiny_run, samples):  # noqa: F811
+    _, run = tiny_run
+    assert f_vaes.main(["evaluate", "--out", str(run), "--samples", samples]) == 0
+    result = json.loads((run / "evaluate.json").read_text())
+    for key in ("log_precision", "fitted_log_precision", "loss_fitted_t_x",
+                "bits_per_dim_fitted_t_x"):
+        assert np.isfinite(result[key]), key
+    assert result["bits_per_dim_fitted_t_x"] == pytest.approx(
+        (result["loss_fitted_t_x"] + DIMS * np.log(128.0)) / (DIMS * np.log(2.0)))
+    # after one epoch t_x is still near 0, its best value well above: the refit lowers the bound
+    assert result["fitted_log_precision"] > result["log_precision"]
+    assert result["bits_per_dim_fitted_t_x"] < result["bits_per_dim"]
