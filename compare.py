@@ -8,8 +8,11 @@ Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae 
 the same command continues all three). After every epoch each is evaluated on the same
 held-out images (bits/dim in the f-VAE's convention; the VAEs with the importance-weighted
 bound of K posterior samples, Glow exactly) and the results go to compare.json, compare.md
-(model, trainable parameters, steps, seconds per step, bits/dim at each checkpoint, K),
-bits_per_dim.png (bits/dim against steps) and samples.png (a block per model, samples at
+(model, trainable parameters, steps, seconds per step, training seconds so far, bits/dim
+at each checkpoint, K, and for the VAEs the bound at the decoder scale fitted on training
+images), bits_per_dim.png (bits/dim against steps and against training wall time; solid
+lines the bounds as trained, or Glow's exact value, dashed the VAEs' bounds at the fitted
+scale) and samples.png (a block per model, samples at
 T = 0.8 and 1.0 from the same noise). The two VAEs' reconstructions of held-out faces are
 written into their run folders (real faces never leave them).
 
@@ -96,10 +99,14 @@ def compare(args):
             run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
                                 "--samples", str(samples), "--seed", "0"])
             evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
+            before = [r["seconds"] for r in results["rows"]
+                      if r["model"] == name and r["epoch"] == epoch - 1 and "seconds" in r]
             results["rows"].append({
                 "model": name, "epoch": epoch, "steps": epoch * preset["steps_per_epoch"],
                 "seconds_per_step": seconds / preset["steps_per_epoch"],
+                "seconds": (before[0] if before else 0.0) + seconds,  # training wall time so far
                 "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
+                "bits_per_dim_fitted_t_x": evaluated.get("bits_per_dim_fitted_t_x"),
                 "held_out_images": evaluated["images"],
                 "trainable_parameters": trainable_parameters(MODELS[name], run_dir)})
             common.write_json(results_path, results)
@@ -122,19 +129,20 @@ def write_outputs(out, results, preset):
     rows = results["rows"]
     models = list(SCRIPTS)
     epochs = sorted({r["epoch"] for r in rows})
-    table = ["| model | trainable parameters | K | s/step | "
+    table = ["| model | trainable parameters | K | s/step | training s | "
              + " | ".join(f"bits/dim at {e * preset['steps_per_epoch']} steps" for e in epochs)
-             + " |", "|---" * (4 + len(epochs)) + "|"]
+             + " | the last at the fitted t_x |", "|---" * (6 + len(epochs)) + "|"]
     for name in models:
         mine = {r["epoch"]: r for r in rows if r["model"] == name}
         if not mine:
             continue
         last = mine[max(mine)]
         seconds = np.median([r["seconds_per_step"] for r in mine.values()])
+        fitted = last.get("bits_per_dim_fitted_t_x")
         table.append(f"| {name} | {last['trainable_parameters']:,} | {last['samples']} | "
-                     f"{seconds:.3f} | " + " | ".join(
+                     f"{seconds:.3f} | {last.get('seconds', float('nan')):.0f} | " + " | ".join(
                          f"{mine[e]['bits_per_dim']:.3f}" if e in mine else "" for e in epochs)
-                     + " |")
+                     + f" | {'' if fitted is None else f'{fitted:.3f}'} |")
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
@@ -142,14 +150,24 @@ def write_outputs(out, results, preset):
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    figure, axis = pyplot.subplots(figsize=(5, 3.4))
-    for name in models:
-        mine = sorted((r["steps"], r["bits_per_dim"]) for r in rows if r["model"] == name)
-        if mine:
-            axis.plot(*zip(*mine), marker="o", label=name)
-    axis.set_xlabel("training steps")
-    axis.set_ylabel("held-out bits/dim")
-    axis.legend()
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for axis, x_key, label in ((axes[0], "steps", "training steps"),
+                               (axes[1], "seconds", "training wall time, seconds")):
+        for name in models:
+            mine = sorted((r[x_key], r["bits_per_dim"], r.get("bits_per_dim_fitted_t_x"))
+                          for r in rows if r["model"] == name and x_key in r)
+            if not mine:
+                continue
+            xs = [m[0] for m in mine]
+            kind = "exact" if name == "glow" else f"bound, K = {preset['samples']}"
+            line, = axis.plot(xs, [m[1] for m in mine], marker="o", label=f"{name} ({kind})")
+            fitted = [(x, m[2]) for x, m in zip(xs, mine) if m[2] is not None]
+            if fitted:
+                axis.plot(*zip(*fitted), linestyle="--", color=line.get_color(),
+                          label=f"{name}, bound at the fitted t_x")
+        axis.set_xlabel(label)
+    axes[0].set_ylabel("held-out bits/dim")
+    axes[1].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(os.path.join(out, "bits_per_dim.png"), dpi=100)
     pyplot.close(figure)

@@ -56,9 +56,17 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
     for row in results["rows"]:
         assert np.isfinite(row["bits_per_dim"]) and row["held_out_images"] == 4
         assert row["samples"] == (1 if row["model"] == "glow" else 4)
+        # the VAEs' bound at the fitted decoder scale; Glow has no decoder
+        assert (row["bits_per_dim_fitted_t_x"] is None) == (row["model"] == "glow")
+    for name in ("fvae", "glow", "vae"):  # training wall time adds up over the epochs
+        first, second = sorted((r for r in results["rows"] if r["model"] == name),
+                               key=lambda r: r["epoch"])
+        assert 0 < first["seconds"] < second["seconds"]
+        assert second["seconds"] == pytest.approx(
+            first["seconds"] + second["seconds_per_step"] * 2, rel=1e-6)
     table = (out / "compare.md").read_text()
     assert "| fvae |" in table and "| glow |" in table and "| vae |" in table
-    assert "bits/dim at 4 steps" in table
+    assert "bits/dim at 4 steps" in table and "| training s |" in table
     assert iio.imread(out / "bits_per_dim.png").ndim == 3
     assert iio.imread(out / "samples.png").shape[1] == 8 * 16
     for name in ("fvae", "vae"):
