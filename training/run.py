@@ -164,7 +164,6 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
               else config.jit_compile)
     config = dataclasses.replace(
         config, jit_compile=xla_allowed(wanted, config.distribute, "--jit-compile"))
-    print(f"precision: {describe_precision(config.precision)}", file=sys.stderr)
     run_dir = writable_run_dir(out, strategy)  # --out on the chief only
     ensure_writable_dir(run_dir, "--out" if run_dir == out else "TMPDIR")
     lock = RunFolderLock(out) if run_dir == out else None
@@ -177,6 +176,7 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
         if lock is not None:
             lock.release()
         raise
+    print(f"precision: {describe_precision(config.precision)}", file=sys.stderr)
     return Run(out, run_dir, strategy, before.get("lr"), data, lock, config)
 
 
