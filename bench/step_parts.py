@@ -81,7 +81,7 @@ def main():
                for p in args.precision}
     print(json.dumps(results, indent=2))
     first = args.precision[0]
-    print(f"\n| part of the step | " + " | ".join(f"{p} s" for p in args.precision)
+    print("\n| part of the step | " + " | ".join(f"{p} s" for p in args.precision)
           + " | " + " | ".join(f"{first} / {p}" for p in args.precision[1:]) + " |")
     for part in results[first]:
         times = [results[p][part] for p in args.precision]
