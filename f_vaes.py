@@ -49,7 +49,7 @@ from layers import MultiScaleFlow, Reshape, Squeeze, UnSqueeze
 from speedups import BatchNormalization
 from training import distribute, guards
 from training.monitor import count_parameters
-from training.precision import networks, to_float32
+from training.precision import full_precision, networks, to_float32
 
 
 # =========================================================================== config
@@ -198,7 +198,7 @@ class FVAE(guards.GuardedModel):
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
                  sync_bn=False, latent_channels=LATENT_CHANNELS, posterior="flow",
                  precision="float32", **kwargs):
-        super().__init__(dtype="float32", **kwargs)  # the loss, t_x and s_u: float32
+        super().__init__(dtype=full_precision(), **kwargs)  # the loss, t_x and s_u: float32
         self.img_size = img_size
         self.latent_dims = int(np.prod(latent_shape(img_size, latent_channels)))  # d (D at 192)
         self.gaussian = posterior == "gaussian"

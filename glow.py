@@ -39,7 +39,7 @@ from layers import MultiScaleFlow
 from training import distribute, guards
 from training.checkpoint import load_weights
 from training.monitor import count_parameters
-from training.precision import networks
+from training.precision import full_precision, networks
 
 # =========================================================================== config
 
@@ -89,7 +89,7 @@ class Glow(guards.GuardedModel):
 
     def __init__(self, img_size, level=3, depth=10, coupling_width=512, seed=0,
                  precision="float32", **kwargs):
-        super().__init__(dtype="float32", **kwargs)
+        super().__init__(dtype=full_precision(), **kwargs)
         self.img_size = img_size
         self.latent_dims = img_size * img_size * 3
         # the f-VAE's flow with Glow's squeeze at the start of each level (SPEC.md); its

@@ -44,7 +44,7 @@ from cli import option
 from speedups import BatchNormalization, FusedAdam
 from training import distribute, guards, monitor
 from training.checkpoint import atomic_save_weights, load_weights
-from training.precision import networks, to_float32, wrap_optimizer
+from training.precision import full_precision, networks, to_float32, wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
 # =========================================================================== configuration
@@ -216,7 +216,7 @@ def build_discriminator(input_shape, name):
     return keras.Sequential(
         [keras.Input(input_shape)]
         + [keras.layers.Dense(DISCRIMINATOR_UNITS, activation="relu") for _ in range(3)]
-        + [keras.layers.Dense(1, activation="sigmoid", dtype="float32")], name=name)
+        + [keras.layers.Dense(1, activation="sigmoid", dtype=full_precision())], name=name)
 
 
 # =========================================================================== the loss
@@ -310,7 +310,7 @@ class InfoMax(guards.GuardedModel):
     def __init__(self, img_size, z_dim=256, loss_weights=(0.5, 1.5, 0.01), seed=None,
                  sync_bn=False, negative_groups=1, local_size=LOCAL_MAP_SIZE,
                  precision="float32", **kwargs):
-        super().__init__(dtype="float32", **kwargs)  # the loss and its parts: float32
+        super().__init__(dtype=full_precision(), **kwargs)  # the loss and its parts: float32
         with networks(precision):  # the encoder and discriminators: in `precision`
             self.encoder = build_encoder(img_size, z_dim, sync_bn, local_size)
             self.global_discriminator = build_discriminator((2 * z_dim,), "global_discriminator")

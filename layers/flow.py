@@ -57,14 +57,15 @@ def _seed_or_draw(seed):
 class FlowLayer(keras.layers.Layer):
     """Base class: `call(inputs, inverse=False) -> (outputs, logdet)`; `inverse(y) -> x`.
 
-    A flow layer computes in float32 whatever Keras' global dtype policy is (a `dtype`
-    argument overrides it): its state path and log-determinant decide the likelihood and the
-    inverse, which low precision breaks. Networks inside it (a coupling's `nn`) keep the
-    policy they were built with, and their outputs are cast back to float32.
+    A flow layer computes in the dtype of the weights, float32, also under a mixed global
+    policy (a `dtype` argument overrides it; under a float64 policy, float64): its state path
+    and log-determinant decide the likelihood and the inverse, which low precision breaks.
+    Networks inside it (a coupling's `nn`) keep the policy they were built with, and their
+    outputs are cast back to the layer's dtype.
     """
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("dtype", "float32")
+        kwargs.setdefault("dtype", keras.config.dtype_policy().variable_dtype)
         super().__init__(**kwargs)
 
     def inverse(self, outputs):

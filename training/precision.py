@@ -78,12 +78,21 @@ def describe(precision, gpus=None, flags=None):
     return f"{policy} (--precision auto: {why})"
 
 
+def full_precision():
+    """The dtype of the weights and of everything outside the networks: float32 (float64
+    where the global policy is float64, as tests/mirrored_step.py sets it)."""
+    return keras.config.dtype_policy().variable_dtype
+
+
 @contextlib.contextmanager
 def networks(precision):
     """Layers built inside compute in `precision` (resolved); the global policy is restored
-    after, so that nothing built elsewhere is affected."""
+    after, so that nothing built elsewhere is affected. float32 leaves the global policy as
+    it is."""
     before = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(resolve(precision))
+    policy = resolve(precision)
+    if policy != "float32":
+        keras.config.set_dtype_policy(policy)
     try:
         yield
     finally:
@@ -91,8 +100,9 @@ def networks(precision):
 
 
 def to_float32(x):
-    """A network's output, back in float32 where it enters a likelihood, a flow or a loss."""
-    return keras.ops.cast(x, "float32")
+    """A network's output, back in float32 (`full_precision`) where it enters a likelihood, a
+    flow or a loss."""
+    return keras.ops.cast(x, full_precision())
 
 
 def wrap_optimizer(optimizer, precision):
@@ -108,11 +118,12 @@ def in_float32(model):
     """`model` itself where it computes in float32, else a float32 copy with its weights (the
     same layers and names): what evaluation runs, so that k-NN, probes and bounds never
     depend on the precision a run trained in."""
-    if all(layer.compute_dtype == "float32" for layer in model._flatten_layers()):
+    dtype = full_precision()
+    if all(layer.compute_dtype == dtype for layer in model._flatten_layers()):
         return model
 
     def float32_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+        return layer.__class__.from_config({**layer.get_config(), "dtype": dtype})
 
     copy = keras.models.clone_model(model, clone_function=float32_layer)
     copy.set_weights(model.get_weights())
