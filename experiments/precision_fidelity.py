@@ -54,6 +54,12 @@ def train(model, precision, args):
 
 
 def evaluate(model, run_dir):
+    """Held-out bits/dim of an f-VAE run's latest weights (once: an evaluate.json newer than
+    the weights is kept)."""
+    done = os.path.join(run_dir, "evaluate.json")
+    if os.path.exists(done) and os.path.getmtime(done) > os.path.getmtime(
+            os.path.join(run_dir, "latest.weights.h5")):
+        return
     if model == "fvae64":
         subprocess.run([sys.executable, os.path.join(ROOT, MODELS[model][0]), "evaluate",
                         "--out", run_dir, "--weights", "latest", "--seed", "0"],
