@@ -79,6 +79,8 @@ def losses(run_dir, steps):
     for path in sorted(glob.glob(os.path.join(run_dir, "tensorboard", "steps", "*"))):
         events = EventAccumulator(path, size_guidance={"tensors": 0})
         events.Reload()
+        if "loss" not in events.Tags()["tensors"]:  # a file just begun
+            continue
         for event in events.Tensors("loss"):
             running[event.step] = float(tf.make_ndarray(event.tensor_proto))
     sums = {step: mean * ((step - 1) % per_epoch + 1) for step, mean in running.items()}
