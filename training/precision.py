@@ -11,7 +11,7 @@ variables in float32 and cast them where a layer computes), so a run saved in on
 resumes in another. Only the layers built inside `networks(precision)` compute in low
 precision: the encoders, decoders, coupling networks and discriminators. Everything that
 decides a likelihood or an inverse stays float32: the flow's state path and its layers
-(their dtype is fixed to float32, whatever the global policy), every log-determinant, the
+(they compute in the weights' dtype, whatever the global policy), every log-determinant, the
 loss and its parts; each network's output is cast back to float32 where it leaves it.
 """
 
@@ -66,14 +66,15 @@ def resolve(precision, gpus=None, flags=None):
 
 def describe(precision, gpus=None, flags=None):
     """What `precision` means here, for the line a run prints when it starts."""
+    gpus = gpu_capabilities() if gpus is None else gpus
+    flags = cpu_flags() if flags is None else flags
     policy = resolve(precision, gpus, flags)
     if precision != "auto":
         return policy
-    gpus = gpu_capabilities() if gpus is None else gpus
     if gpus:
         why = "GPU compute capabilities " + ", ".join(f"{a}.{b}" for a, b in gpus)
     else:
-        units = sorted(set(BFLOAT16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+        units = sorted(set(BFLOAT16_CPU_FLAGS) & flags)
         why = "this CPU has " + (" and ".join(units) if units else "no bfloat16 units")
     return f"{policy} (--precision auto: {why})"
 
