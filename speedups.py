@@ -8,7 +8,7 @@
   TensorFlow's fused kernel per variable.
 
 Each equality is tested in tests/test_speed.py (losses, gradients, updates) and
-tests/test_layers.py (outputs, moving statistics); README.md, Benchmark, says what each buys.
+tests/test_layers.py (outputs, moving statistics); docs/benchmark.md says what each buys.
 The registered names are those the weights files were written with.
 """
 
@@ -112,7 +112,7 @@ class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam`: the same update, hyperparameters and saved state (m and v),
     with each variable updated by TensorFlow's fused Adam kernel in one pass over var, m and
     v instead of Keras' nine element-wise ops. For the f-VAE's 96M parameters that is about
-    a third of the time of Keras' update (README.md, Benchmark). The kernel computes Keras' formula:
+    a third of the time of Keras' update (docs/benchmark.md). The kernel computes Keras' formula:
     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr sqrt(1 - b2^t) / (1 - b1^t) m /
     (sqrt(v) + eps). Sparse gradients and amsgrad take Keras' own path. Under tf.distribute
     Keras calls `update_step` once per device inside `distribution.extended.update`, where

@@ -3,9 +3,9 @@ without the start-up noise.
 
 Import this module before TensorFlow. It
 - turns on TensorFlow's oneDNN kernels for convolutions and matmuls on x86 CPUs, which are
-  on by default only on recent Intel CPUs; elsewhere (this AMD AVX2 machine) they run these
-  models' training steps 1.3-1.5x faster than the default Eigen kernels (README.md,
-  Benchmark). `TF_ENABLE_ONEDNN_OPTS=0` turns them off; no effect on GPUs;
+  on by default only on recent Intel CPUs; elsewhere (an AMD AVX2 machine, 2026-11-22) they
+  ran these models' training steps 1.3-1.5x faster than the default Eigen kernels
+  (docs/benchmark.md). `TF_ENABLE_ONEDNN_OPTS=0` turns them off; no effect on GPUs;
 - imports TensorFlow with the C++ start-up lines it prints before its logging is set up
   (absl's "All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
   "Could not find cuda drivers") left out of stderr; every other line still gets through.

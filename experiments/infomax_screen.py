@@ -1,5 +1,5 @@
-"""A quick screen of Deep InfoMax settings at a small budget (README, "Why the author's setting
-starts below a random encoder"): train one setting for a few passes of CIFAR-10, then report
+"""A quick screen of Deep InfoMax settings at a small budget (docs/infomax.md, "Why the
+author's setting starts below a random encoder"): train one setting for a few passes of CIFAR-10, then report
 cosine k-NN (k=1, k=200 weighted) and a linear probe on the first 10,000 training and 2,000
 test images, for mu, for the pooled layer before mu and for the local map.
 

@@ -46,7 +46,8 @@ def test_a_test_hung_on_a_child_process_fails_alone_and_its_child_is_killed(tmp_
 
 
 def test_the_default_suite_has_a_time_limit_per_test():
-    """pytest.ini sets it: generous for the slowest test (~40 s), well under CI's 10 minutes."""
+    """pytest.ini sets it: generous for the slowest test (~40 s), well under the 10 minutes the
+    whole default suite should stay within."""
     ini = configparser.ConfigParser()
     ini.read(os.path.join(ROOT, "pytest.ini"))
     assert 60 <= int(ini["pytest"]["timeout"]) <= 300
