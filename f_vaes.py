@@ -1,6 +1,6 @@
 """f-VAEs: VAEs with a conditional flow posterior (Su & Wu 2018, arXiv 1809.05861).
 
-The model of SPEC.md section 1, in TensorFlow 2 / Keras 3, read top to bottom:
+The model of docs/model.md, "The f-VAE", in TensorFlow 2 / Keras 3, read top to bottom:
 config -> encoder E and decoder G -> the loss -> the model -> its description for training
 and pictures. The flow F is `layers.MultiScaleFlow` (layers/multiscale.py); pixels, training
 on a face folder, sample grids and the commands on a run are shared with Glow (face_runs.py).
@@ -17,17 +17,18 @@ Sampling: z ~ N(0, T^2 I) -> v = F^-1(z) -> image = G(v), T the temperature.
     python f_vaes.py reconstruct | interpolate | sweep | evaluate --out RUN_DIR
     python f_vaes.py COMMAND --help                                           # its flags
 
-Bits/dim. With every constant kept (as below), the SPEC loss is an unbiased one-sample
-estimate of the negative ELBO, in nats, of the continuous density of images scaled to
-[-1, 1]: log q(v|x) = -0.5*sum(u^2) - D*s_u - 0.5*D*log(2*pi) and
+Bits/dim (docs/model.md, "The f-VAE", "Bits per dimension"). With every constant kept (as
+below), the loss is an unbiased one-sample estimate of the negative ELBO, in nats, of the
+continuous density of images scaled to [-1, 1]:
+log q(v|x) = -0.5*sum(u^2) - D*s_u - 0.5*D*log(2*pi) and
 -log p(z) = 0.5*sum(z^2) + 0.5*D*log(2*pi), whose constants cancel, so
 `prior + entropy - flow_logdet` is exactly log q(z|x) - log p(z) for the sampled z (no
 0.5*log(2*pi*e)*D is needed because the sampled -0.5*sum(u^2) is kept, not its mean).
 For 8-bit data, y = (x_int + U(0, 1)) / 256 * 2 - 1 puts each pixel value in a bin of
 width 2/256, so -log2 P(x_int) <= (nll + D*log(256/2)) / ln 2 (Jensen), and
 bits/dim = (nll + D*log(128)) / (D*ln 2). `evaluate` feeds such dequantised held-out
-images; training feeds x/255*2-1 (SPEC), and its logged bits/dim applies the same
-conversion to the training loss (a monitor, not a bound).
+images; training feeds x/255*2-1 (as the author's script does), and its logged bits/dim
+applies the same conversion to the training loss (a monitor, not a bound).
 """
 
 import dataclasses
@@ -59,7 +60,8 @@ LATENT_CHANNELS = 192  # three squeezes of an RGB image: 3 x 4^3; the paper's (a
 
 @dataclasses.dataclass
 class Config(FaceRunSettings):
-    """Hyperparameters, named as in SPEC.md section 1 (defaults are the paper's script)."""
+    """Hyperparameters, named as in docs/model.md, "The f-VAE" (defaults are the paper's
+    script)."""
     img_size: int = option(128, "S: a multiple of 8 x 2^(level-1), e.g. 64 or 128 (the script's "
                            "default; the paper also trains 64)")
     batch_size: int = option(32, "images per step")
@@ -152,9 +154,10 @@ def build_decoder(img_size, res_steps, sync_bn=False, latent_channels=LATENT_CHA
 # =========================================================================== loss
 
 def fvae_loss(x, reconstruction, noise, flow_latent, flow_logdet, log_precision, log_noise_scale):
-    """The loss of SPEC.md (paper eq. 6 for z = F(exp(s_u) * u + E(x))), per example, in nats,
-    with the D image numbers and the d latent numbers kept apart (d = D in the paper's model;
-    d < D in the dimension-reducing one, where eq. 6 holds as written):
+    """The loss of docs/model.md, "The f-VAE", "The loss" (paper eq. 6 for
+    z = F(exp(s_u) * u + E(x))), per example, in nats, with the D image numbers and the d
+    latent numbers kept apart (d = D in the paper's model; d < D in the dimension-reducing
+    one, where eq. 6 holds as written):
 
     recon   = -log N(x; G(v), exp(-t_x)^2): 0.5*sum((exp(t_x)*(G(v)-x))^2) + 0.5*log(2pi)*D - D*t_x
     prior   = 0.5*sum(z^2)                  (-log N(z; 0, I) without its 0.5*log(2pi)*d)
@@ -306,8 +309,9 @@ def build_model(config, verbose=False):
 
 
 def parameter_report(model):
-    """Counts to compare with SPEC.md: E and G 4,729,536 each, flow + 2 scalars 86,371,010,
-    all 95,830,082; non-trainable 12,096 batch-norm statistics and 34,560 permutation indices."""
+    """Counts to compare with docs/model.md ("The f-VAE", "Architecture"): E and G 4,729,536
+    each, flow + 2 scalars 86,371,010, all 95,830,082; non-trainable 12,096 batch-norm
+    statistics and 34,560 permutation indices."""
     count = count_parameters
     permutations = [w for w in model.non_trainable_weights if "permutation" in w.path]
     return [

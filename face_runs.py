@@ -103,7 +103,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 def scale_pixels(x):
-    """[0, 255] -> [-1, 1] as `x/255*2-1` (SPEC.md), used for training."""
+    """[0, 255] -> [-1, 1] as `x/255*2-1` (the author's scripts; docs/model.md, "The f-VAE",
+    "Training and outputs"), used for training."""
     return x / 255.0 * 2.0 - 1.0
 
 
@@ -164,9 +165,10 @@ def sample_images(model, n, temperature, seed=0, batch=32):
 
 
 class SampleGrids(keras.callbacks.Callback):
-    """After every epoch: a 9x9 grid at each temperature (SPEC.md: 1.0 and 0.8), from the same
-    z noise each epoch, as `samples/epoch0001_T1.0.png`, `samples_T1.0_latest.png` and a
-    TensorBoard image."""
+    """After every epoch: a 9x9 grid at each temperature (the f-VAE's 1.0 and 0.8, Glow's 0.9:
+    docs/model.md, "The f-VAE", "Training and outputs", and "Glow, the paper's baseline"), from
+    the same z noise each epoch, as `samples/epoch0001_T1.0.png`, `samples_T1.0_latest.png` and
+    a TensorBoard image."""
 
     TEMPERATURES, ROWS, COLS = (1.0, 0.8), 9, 9
 

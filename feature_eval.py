@@ -192,10 +192,11 @@ def label_strip(width, cell, labels):
 
 def evaluate_encoder(run_dir, encoder, training_set, test_set, scale, probe_epochs=10, seed=0,
                      limit=None, baseline=None, about=None):
-    """Everything SPEC.md asks of a trained encoder, written to `run_dir` and printed: mu's
-    statistics over the training set (mu_stats.json), the neighbour pictures, and (with a
-    labelled test split) k-NN and probe accuracies of mu and of the local map, for the encoder
-    and for `baseline` (a randomly initialised one), in metrics.json with `about` merged in.
+    """Everything docs/model.md asks of a trained encoder ("Deep InfoMax with a KL prior",
+    "Training and evaluation"), written to `run_dir` and printed: mu's statistics over the
+    training set (mu_stats.json), the neighbour pictures, and (with a labelled test split) k-NN
+    and probe accuracies of mu and of the local map, for the encoder and for `baseline` (a
+    randomly initialised one), in metrics.json with `about` merged in.
 
     The training split is the memory bank and the probes' training set; the test split gives
     the queries. `limit`: only the first N training and N/5 test images (quick looks)."""

@@ -1,5 +1,5 @@
 """Glow as in the same author's repository (bojone/flow, glow.py): the baseline of the f-VAE
-paper (SPEC.md, "Glow, as in the same author's repository"), on this project's flow layers.
+paper (docs/model.md, "Glow, the paper's baseline"), on this project's flow layers.
 
     x = pixels x/255*2-1, plus U(0, 1/256) noise in training only (the author's dequantisation)
     level i = 0..L-1:  Squeeze; K steps of ActNorm -> Permute -> additive coupling (width 512);
@@ -71,8 +71,8 @@ def check_config(c):
 # =========================================================================== loss
 
 def glow_loss(z, logdet, dims):
-    """SPEC.md: 0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet, per example, in nats: -log p(x) of
-    the flow's density, exactly (no bound)."""
+    """0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet (docs/model.md, "Glow, the paper's baseline"),
+    per example, in nats: -log p(x) of the flow's density, exactly (no bound)."""
     prior = 0.5 * ops.sum(ops.square(z), axis=-1) + 0.5 * LOG_2PI * dims
     loss = prior - logdet
     return {"loss": loss, "prior": prior, "logdet": logdet,
@@ -92,8 +92,8 @@ class Glow(guards.GuardedModel):
         super().__init__(dtype=full_precision(), **kwargs)
         self.img_size = img_size
         self.latent_dims = img_size * img_size * 3
-        # the f-VAE's flow with Glow's squeeze at the start of each level (SPEC.md); its
-        # coupling networks in `precision`, its own layers in float32
+        # the f-VAE's flow with Glow's squeeze at the start of each level, as the author's
+        # Glow has it; its coupling networks in `precision`, its own layers in float32
         with networks(precision):
             self.flow = MultiScaleFlow((img_size, img_size, 3), level, depth, coupling_width,
                                        seed, squeeze_first=True, name="flow")

@@ -150,7 +150,8 @@ def _decode_rgb(path):
 
 def centre_square(image):
     """The centred square of an (h, w, c) image: rows (h-w)/2 .. (h-w)/2+w when taller than wide
-    (SPEC.md, f-VAE data), and the same for columns when wider than tall."""
+    (the f-VAE's data, docs/model.md, "The f-VAE", "Training and outputs"), and the same for
+    columns when wider than tall."""
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     side = tf.minimum(h, w)
     top, left = (h - side) // 2, (w - side) // 2

@@ -1,4 +1,4 @@
-"""Deep InfoMax, Jianlin Su's variant with a KL prior (SPEC.md section 2), in Keras 3.
+"""Deep InfoMax, Jianlin Su's variant with a KL prior (docs/model.md), in Keras 3.
 
 An encoder x -> z is trained to make z recognisable: a global discriminator tells
 [z, z] from [z, z of another image], and a local discriminator tells z next to every
@@ -49,7 +49,8 @@ from training.run import RunSettings, fit_run, prepare_run
 
 # =========================================================================== configuration
 
-# Per-dataset defaults of SPEC.md section 2 (a flag left unset takes these).
+# Per-dataset defaults (docs/model.md, "Deep InfoMax with a KL prior", "Training and
+# evaluation"); a flag left unset takes these.
 DATASETS = {
     "cifar10": dict(img_size=32, batch_size=64, epochs=50, pixel_range=(-0.5, 0.5)),
     "tiny-imagenet": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
@@ -74,7 +75,8 @@ PAPER = {
 
 @dataclasses.dataclass
 class Config(RunSettings):
-    """Hyperparameters, named as in SPEC.md section 2; None takes the dataset's default."""
+    """Hyperparameters, named as in docs/model.md, "Deep InfoMax with a KL prior"; None takes
+    the dataset's default."""
     dataset: str = option("cifar10", "the training images", choices=sorted(DATASETS))
     data_dir: str = option(None, "cifar10: a cifar-10-batches-py folder, the folder holding it, "
                            "or cifar-10-python.tar.gz (default: Keras' downloader); "
@@ -100,7 +102,7 @@ class Config(RunSettings):
     monitor_knn: int = option(5000, "after every epoch, log the k-NN accuracy of mu with N "
                               "training images as the memory bank and N/5 test queries (0: off)",
                               metavar="N")
-    pixel_range: tuple = None    # the model's pixel range, from the dataset (SPEC.md)
+    pixel_range: tuple = None    # the model's pixel range, from the dataset (docs/model.md)
 
     MODEL_KEYS = ("dataset", "img_size", "z_dim", "local_size")  # a resumed run keeps these
     ADDED_KEYS = ("local_size",)  # absent from runs saved before it existed (they have 4)
@@ -203,7 +205,7 @@ def build_encoder(img_size, z_dim, sync_bn=False, local_size=LOCAL_MAP_SIZE):
 
 
 def feature_extractor(encoder):
-    """x -> mu, sharing the encoder's layers (the model whose size SPEC.md quotes)."""
+    """x -> mu, sharing the encoder's layers (the model whose size docs/model.md quotes)."""
     return keras.Model(encoder.input, encoder.outputs[0], name="feature_extractor")
 
 
@@ -222,9 +224,10 @@ def build_discriminator(input_shape, name):
 # =========================================================================== the loss
 
 def concatenated_scores(discriminator, left, right, perm):
-    """SPEC.md's form: the discriminator on the concatenated pairs, positives [left, right]
-    and negatives [left, right[perm]], with `left` tiled over `right`'s positions (z next to
-    each pixel of the feature map). `score_pairs` computes the same with less work."""
+    """The form of docs/model.md ("Deep InfoMax with a KL prior", "Architecture"): the
+    discriminator on the concatenated pairs, positives [left, right] and negatives
+    [left, right[perm]], with `left` tiled over `right`'s positions (z next to each pixel of
+    the feature map). `score_pairs` computes the same with less work."""
     if len(right.shape) == 4:
         left = ops.tile(left, (1, right.shape[1], right.shape[2], 1))
     return (discriminator(ops.concatenate([left, right], axis=-1)),
@@ -253,14 +256,14 @@ def score_pairs(discriminator, left, right, perm):
 
 def infomax_loss(global_discriminator, local_discriminator, z, mu, logvar, local_map,
                  global_perm, local_perm, weights=(0.5, 1.5, 0.01)):
-    """SPEC.md section 2:
+    """docs/model.md, "Deep InfoMax with a KL prior", "The loss":
         global = -mean(log(T_g([z, z]) + 1e-6) + log(1 - T_g([z, z[perm]]) + 1e-6))
         local  = the same with T_l on [tile(z), C] vs [tile(z), C[perm']], mean over batch and 4x4
         prior  = -0.5 * mean(1 + logvar - mu^2 - exp(logvar))
         loss   = 0.5 * global + 1.5 * local + 0.01 * prior
     `global_perm` and `local_perm` are two independent permutations of the batch: the
     negatives pair z with another image's code / feature map. The pairs are scored by
-    `score_pairs` (equal to `concatenated_scores`, the SPEC form).
+    `score_pairs` (equal to `concatenated_scores`, the form docs/model.md describes).
     Returns the loss, its three parts and the discriminators' accuracies (threshold 0.5).
     """
     global_pos, global_neg = score_pairs(global_discriminator, z, z, global_perm)
@@ -356,9 +359,9 @@ def build_model(config):
 
 
 def benchmark_setup(dataset="cifar10", batch_size=64, quick=False, precision="float32"):
-    """For bench/bench.py: the model of `dataset` at SPEC.md's size in `precision`, compiled
-    as for training, and one batch of random images in the model's pixel range (batch 8 with
-    `quick`)."""
+    """For bench/bench.py: the model of `dataset` at its documented size (docs/model.md) in
+    `precision`, compiled as for training, and one batch of random images in the model's pixel
+    range (batch 8 with `quick`)."""
     config = resolve(Config(dataset=dataset, batch_size=8 if quick else batch_size,
                             jit_compile=bool(tf_setup.visible_gpus()), precision=precision))
     model = build_model(config)

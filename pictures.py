@@ -11,7 +11,8 @@ from common import cannot_write, remove_quietly
 
 
 def to_uint8(images, value_range=(-1.0, 1.0)):
-    """Map model pixels to 0..255: for [-1, 1] this is `(x+1)/2*255`, clipped (SPEC.md)."""
+    """Map model pixels to 0..255: for [-1, 1] this is `(x+1)/2*255`, clipped (the author's
+    scripts; docs/model.md, "The f-VAE", "Training and outputs")."""
     lo, hi = value_range
     images = (np.asarray(images, dtype=np.float32) - lo) / (hi - lo) * 255.0
     return np.clip(np.round(images), 0, 255).astype(np.uint8)

@@ -12,7 +12,7 @@ What it does, in one process tree so that every ratio is taken in the same run:
    before and after the models; the highest of the four readings is the reference, so
    every share of it is conservative;
 2. for each model, in a fresh subprocess (so peak resident memory is the model's own):
-   build the model of SPEC.md at its paper configuration, compile its real training step
+   build the model at its paper configuration (docs/model.md), compile its real training step
    (the same `train_step` that `model.fit` runs), run warm-up steps, then time steady-state
    steps on random data of the right shape, synchronising on the loss after each step;
 3. FLOPs of one step are counted from the traced graph of the training step (forward and

@@ -113,9 +113,10 @@ def depth_to_space(x, times):
 
 
 def test_at_init_encoder_is_three_squeezes_and_decoder_tanh_of_three_unsqueezes():
-    """SPEC: every residual step ends in a zero-initialised 1x1 conv, so at init E(x) is three
-    space-to-depth squeezes of x and G(v) = tanh(three depth-to-space of v), in training and
-    inference mode alike; t_x and s_u start at 0."""
+    """docs/model.md, "The f-VAE", "Initialisation": every residual step ends in a
+    zero-initialised 1x1 conv, so at init E(x) is three space-to-depth squeezes of x and
+    G(v) = tanh(three depth-to-space of v), in training and inference mode alike; t_x and
+    s_u start at 0."""
     model = f_vaes.build_model(Config(seed=0, **dict(TINY, res_steps=2)))
     rng = np.random.RandomState(10)
     x = rng.uniform(-1, 1, (2, 16, 16, 3)).astype("float32")
@@ -182,7 +183,8 @@ def gaussian_log_density(x, mean, std):
 
 def test_loss_is_negative_elbo_with_all_constants():
     """With F = identity, -log N(x; G, e^-t) + log N(v; h, e^s) - log N(v; 0, I), every constant
-    kept, equals the SPEC loss: the constants it drops cancel (basis of the bits/dim claim)."""
+    kept, equals the loss of docs/model.md: the constants it drops cancel (basis of the
+    bits/dim claim)."""
     rng = np.random.RandomState(6)
     dims, t_x, s_u = 12, np.float64(0.4), np.float64(-1.1)
     x, g, h, u = (rng.randn(5, dims) for _ in range(4))
@@ -219,10 +221,11 @@ def test_reduces_to_standard_vae():
 
 
 def test_reduces_to_a_plain_flow_on_noise_augmented_inputs():
-    """SPEC's second special case: F_x(u) = F(sigma*u + x) with an unconditional flow F and the
-    decoder q(x|z) = N(x; F^-1(z), sigma^2). The general loss is then the negative
-    log-likelihood of F on y = x + sigma*u, 0.5*|F(y)|^2 + 0.5*D*log(2pi) - log|det dF/dy|,
-    for every u (the decoder's and the posterior's terms in u and sigma cancel)."""
+    """The paper's second special case (docs/model.md, "The f-VAE"): F_x(u) = F(sigma*u + x)
+    with an unconditional flow F and the decoder q(x|z) = N(x; F^-1(z), sigma^2). The general
+    loss is then the negative log-likelihood of F on y = x + sigma*u,
+    0.5*|F(y)|^2 + 0.5*D*log(2pi) - log|det dF/dy|, for every u (the decoder's and the
+    posterior's terms in u and sigma cancel)."""
     flow = tiny_flow(seed=2)
     rng = np.random.RandomState(12)
     sigma, dims = 0.05, 4 * 4 * 4
@@ -276,7 +279,7 @@ class RecordingModel:
 
 def test_sampling_scales_noise_by_temperature():
     """z ~ N(0, T^2 I): each z has the spread T (and is Gaussian), and a lower T scales the same
-    noise (the annealing of SPEC: T = 0 gives the mode, every z = 0)."""
+    noise (the author's annealing, docs/model.md: T = 0 gives the mode, every z = 0)."""
     model = RecordingModel()
     drawn = {}
     for t in (1.0, 0.8, 0.5, 0.0):

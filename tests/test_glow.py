@@ -1,7 +1,7 @@
-"""glow.py, the author's Glow baseline of the f-VAE paper (SPEC.md): its flow inverts and its
-log-determinant is the autodiff one, sampling then encoding gives z back, the loss is SPEC's
-formula, dequantisation noise only in training, the author's collapse rule, and the command
-line (train, the commands on a run, one-line errors)."""
+"""glow.py, the author's Glow baseline of the f-VAE paper (docs/model.md, "Glow, the paper's
+baseline"): its flow inverts and its log-determinant is the autodiff one, sampling then encoding
+gives z back, the loss is the documented formula, dequantisation noise only in training, the
+author's collapse rule, and the command line (train, the commands on a run, one-line errors)."""
 
 import json
 import os

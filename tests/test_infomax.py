@@ -1,4 +1,4 @@
-"""Properties of infomax.py (Deep InfoMax with a KL prior, SPEC.md section 2)."""
+"""Properties of infomax.py (docs/model.md, "Deep InfoMax with a KL prior")."""
 
 import csv
 import json
@@ -55,7 +55,7 @@ def test_loss_matches_spec_formula_computed_by_hand():
 
     terms = infomax.infomax_loss(global_d, local_d, z, mu, logvar, local_map, global_perm, local_perm)
 
-    # SPEC.md: positives [z, z] and [tile(z), C]; negatives use the permuted batch.
+    # docs/model.md: positives [z, z] and [tile(z), C]; negatives use the permuted batch.
     g_pos = numpy_mlp(global_d, np.concatenate([z, z], -1))
     g_neg = numpy_mlp(global_d, np.concatenate([z, z[global_perm]], -1))
     z_map = np.broadcast_to(z[:, None, None, :], (batch, height, height, z_dim))
@@ -205,9 +205,10 @@ def conv3x3_same(x, kernel, bias):
 
 
 def numpy_encoder(encoder, x):
-    """SPEC.md's CIFAR-10 encoder in numpy from the model's weights: 3 x (Conv3x3 -> BatchNorm
-    (inference) -> LeakyReLU(0.2) -> MaxPool 2x2) = C, 2 x (Conv3x3 -> BatchNorm ->
-    LeakyReLU(0.2)), global max pooling, mu = Dense, logvar = Dense."""
+    """The CIFAR-10 encoder of docs/model.md in numpy from the model's weights:
+    3 x (Conv3x3 -> BatchNorm (inference) -> LeakyReLU(0.2) -> MaxPool 2x2) = C,
+    2 x (Conv3x3 -> BatchNorm -> LeakyReLU(0.2)), global max pooling, mu = Dense,
+    logvar = Dense."""
     convs = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Conv2D)]
     norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert [conv.filters for conv in convs] == [64, 128, 256, 256, 256] and len(norms) == 5
@@ -229,9 +230,9 @@ def numpy_encoder(encoder, x):
 
 
 def test_encoder_is_spec_conv_stages_with_leaky_relu_and_global_max_pooling():
-    """The CIFAR-10 encoder computes what SPEC.md describes (LeakyReLU slope 0.2, max pooling
-    per stage, global max pooling), checked against numpy with every batch-norm weight and
-    statistic moved away from its initial value."""
+    """The CIFAR-10 encoder computes what docs/model.md describes (LeakyReLU slope 0.2, max
+    pooling per stage, global max pooling), checked against numpy with every batch-norm weight
+    and statistic moved away from its initial value."""
     config = infomax.parse_args(["--dataset", "cifar10"]).config
     encoder = infomax.build_encoder(config.img_size, config.z_dim)
     rng = np.random.default_rng(2)

@@ -1,5 +1,5 @@
 """Properties of the invertible layers in layers/: exact inverses, log-determinants equal to
-log|det J| from autodiff, the special cases of SPEC.md, saving, XLA, and clear errors."""
+log|det J| from autodiff, the special cases of docs/model.md, saving, XLA, and clear errors."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
-"""The numbers of SPEC.md that have no equation to test: both command lines' defaults (loss
-weights, learning rates, batch sizes, epochs, temperatures), the optimiser each model is built
-with, and the per-dataset pixel scaling, each against SPEC's numbers or numpy."""
+"""The numbers of docs/model.md that have no equation to test: both command lines' defaults
+(loss weights, learning rates, batch sizes, epochs, temperatures), the optimiser each model is
+built with, and the per-dataset pixel scaling, each against the documented numbers or numpy."""
 
 import imageio.v3 as iio
 import numpy as np
@@ -18,8 +18,9 @@ import infomax
 # --------------------------------------------------------------------------- f-VAEs
 
 def test_fvae_train_defaults_are_the_scripts():
-    """SPEC section 1: 128 pixels, batch 32, Adam 1e-4, 1000 epochs of 1000 steps, a flow of
-    L = 4 levels of K = 12 steps with 256-channel couplings, 12 residual steps per block."""
+    """docs/model.md, "The f-VAE": 128 pixels, batch 32, Adam 1e-4, 1000 epochs of 1000 steps, a
+    flow of L = 4 levels of K = 12 steps with 256-channel couplings, 12 residual steps per
+    block."""
     args = face_runs.parse_args(f_vaes.FVAE_RUNS, [])
     assert args.command == "train"
     config = cli.config_from_args(f_vaes.Config, args)
@@ -45,7 +46,8 @@ def test_fvae_is_built_with_adam_at_the_configured_rate():
 
 
 def test_fvae_pixels_are_scaled_to_minus_one_one():
-    """x/255*2 - 1 (SPEC section 1), on every 8-bit value and on a PNG read by the loader."""
+    """x/255*2 - 1 (docs/model.md, "The f-VAE"), on every 8-bit value and on a PNG read by the
+    loader."""
     values = np.arange(256, dtype="float32")
     np.testing.assert_allclose(face_runs.scale_pixels(tf.constant(values)),
                                values / 255.0 * 2.0 - 1.0, atol=1e-6)
@@ -69,8 +71,9 @@ def test_fvae_training_images_reach_the_model_in_minus_one_one(tmp_path):
 @pytest.mark.parametrize("dataset, img_size, batch_size, epochs", [
     ("cifar10", 32, 64, 50), ("tiny-imagenet", 64, 100, 100), ("folder", 64, 100, 100)])
 def test_infomax_train_defaults_are_spec_numbers(dataset, img_size, batch_size, epochs):
-    """SPEC section 2: batch 64 and 50 epochs on CIFAR-10, batch 100 and 100 epochs on Tiny
-    ImageNet (and folders of images); Adam 1e-3; loss weights 0.5 / 1.5 / 0.01; z of 256."""
+    """docs/model.md, "Deep InfoMax with a KL prior": batch 64 and 50 epochs on CIFAR-10,
+    batch 100 and 100 epochs on Tiny ImageNet (and folders of images); Adam 1e-3; loss
+    weights 0.5 / 1.5 / 0.01; z of 256."""
     config = infomax.parse_args(["--dataset", dataset]).config
     assert (config.img_size, config.batch_size, config.epochs) == (img_size, batch_size, epochs)
     assert config.lr == 1e-3 and config.z_dim == 256
@@ -103,7 +106,8 @@ def test_infomax_model_uses_the_configured_rate_and_loss_weights():
     ("tiny-imagenet", lambda x: x / 255.0 * 2.0 - 1.0),
     ("folder", lambda x: x / 255.0 * 2.0 - 1.0)], ids=["cifar10", "tiny-imagenet", "folder"])
 def test_infomax_pixels_are_scaled_per_dataset(dataset, scale):
-    """x/255 - 0.5 for CIFAR-10, x/255*2 - 1 otherwise (SPEC section 2): on every 8-bit value,
+    """x/255 - 0.5 for CIFAR-10, x/255*2 - 1 otherwise (docs/model.md, "Deep InfoMax with a KL
+    prior"): on every 8-bit value,
     through `pixel_scale` (evaluation, k-NN) and through the training stream."""
     config = infomax.parse_args(["--dataset", dataset]).config
     values = np.arange(256, dtype="uint8").reshape(1, 16, 16, 1).repeat(3, axis=-1)

@@ -47,7 +47,7 @@ def test_fvae_loss_and_gradients_equal_the_padded_convolutions(monkeypatch):
 
 
 def test_coupling_convolutions_keep_their_kernel_shapes():
-    """The 3x3 kernels on 1x1 maps stay 3x3 (the same parameters as SPEC.md), even though
+    """The 3x3 kernels on 1x1 maps stay 3x3 (the parameters docs/model.md counts), even though
     only their centre taps can ever touch the data."""
     model = FVAE(**TINY)
     model(np.zeros((1, 16, 16, 3), "float32"))
@@ -76,7 +76,7 @@ def test_infomax_pair_scores_and_gradients_equal_the_concatenation(monkeypatch):
         return terms, tape.gradient(terms["loss"], sources)
 
     fast_terms, fast_grads = loss_and_gradients()
-    monkeypatch.setattr(infomax, "score_pairs", infomax.concatenated_scores)  # SPEC.md's form
+    monkeypatch.setattr(infomax, "score_pairs", infomax.concatenated_scores)  # the documented form
     plain_terms, plain_grads = loss_and_gradients()
     for name in fast_terms:
         np.testing.assert_allclose(fast_terms[name], plain_terms[name], rtol=1e-5, err_msg=name)
