@@ -1,7 +1,8 @@
 """The f-VAE paper's experiment: an f-VAE, a Glow and a VAE of similar size, trained on the
 same faces with the same batch size and steps, compared at the same checkpoints.
 
-    python compare.py --preset reduced      # runs to the end on a 2-core CPU in a few hours
+    python compare.py --preset reduced      # about 90 minutes for all three on 2 CPU cores
+                                            # shared with other training runs (2026-12-01)
     python compare.py --preset paper        # the paper's sizes, for a GPU
 
 Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
@@ -11,8 +12,9 @@ bound of K posterior samples, Glow exactly) and the results go to compare.json, 
 (model, trainable parameters, steps, seconds per step, training seconds so far, bits/dim
 at each checkpoint, K, and for the VAEs the bound at the decoder scale fitted on training
 images), bits_per_dim.png (bits/dim against steps and against training wall time; solid
-lines the bounds as trained, or Glow's exact value, dashed the VAEs' bounds at the fitted
-scale) and samples.png (a block per model, samples at
+lines the f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained, or
+Glow's exact value, dashed the bounds at the fitted scale; the legend says which is which)
+and samples.png (a block per model, samples at
 T = 0.8 and 1.0 from the same noise). The two VAEs' reconstructions of held-out faces are
 written into their run folders (real faces never leave them).
 
@@ -124,6 +126,49 @@ def trainable_parameters(face_model, run_dir):
     return monitor.count_parameters(face_model.build(config).trainable_weights)
 
 
+NAMES = {"fvae": "f-VAE", "glow": "Glow", "vae": "VAE"}
+
+
+def line_label(name, samples, fitted=False):
+    """What a line of bits_per_dim.png is: Glow's exact bits/dim, or a VAE's
+    importance-weighted bound with K posterior draws (an upper bound on its bits/dim)."""
+    if name == "glow":
+        return "Glow: exact"
+    return (f"{NAMES[name]}: bound, importance-weighted, K = {samples}"
+            + (", at the fitted t_x" if fitted else ""))
+
+
+def plot_bits_per_dim(rows, models):
+    """The figure of bits_per_dim.png: held-out bits/dim of each of `models` against training
+    steps and against training wall time, each line labelled bound or exact."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    figure, axes = pyplot.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for axis, x_key, label in ((axes[0], "steps", "training steps"),
+                               (axes[1], "seconds", "training wall time, seconds")):
+        for name in models:
+            mine = sorted((r[x_key], r["bits_per_dim"], r.get("bits_per_dim_fitted_t_x"),
+                           r["samples"]) for r in rows if r["model"] == name and x_key in r)
+            if not mine:
+                continue
+            xs, samples = [m[0] for m in mine], mine[-1][3]
+            line, = axis.plot(xs, [m[1] for m in mine], marker="o",
+                              label=line_label(name, samples))
+            fitted = [(x, m[2]) for x, m in zip(xs, mine) if m[2] is not None]
+            if fitted:
+                axis.plot(*zip(*fitted), linestyle="--", color=line.get_color(),
+                          label=line_label(name, samples, fitted=True))
+        axis.set_xlabel(label)
+    axes[0].set_ylabel("held-out bits/dim")
+    figure.suptitle("bound: the importance-weighted bound with K posterior draws, in expectation "
+                    "at or above the model's exact bits/dim; exact: Glow's likelihood, no bound",
+                    fontsize=8)
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def write_outputs(out, results, preset):
     """compare.md (the table), bits_per_dim.png (the curves) and samples.png (the pictures)."""
     rows = results["rows"]
@@ -147,29 +192,9 @@ def write_outputs(out, results, preset):
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
 
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-    figure, axes = pyplot.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for axis, x_key, label in ((axes[0], "steps", "training steps"),
-                               (axes[1], "seconds", "training wall time, seconds")):
-        for name in models:
-            mine = sorted((r[x_key], r["bits_per_dim"], r.get("bits_per_dim_fitted_t_x"))
-                          for r in rows if r["model"] == name and x_key in r)
-            if not mine:
-                continue
-            xs = [m[0] for m in mine]
-            kind = "exact" if name == "glow" else f"bound, K = {preset['samples']}"
-            line, = axis.plot(xs, [m[1] for m in mine], marker="o", label=f"{name} ({kind})")
-            fitted = [(x, m[2]) for x, m in zip(xs, mine) if m[2] is not None]
-            if fitted:
-                axis.plot(*zip(*fitted), linestyle="--", color=line.get_color(),
-                          label=f"{name}, bound at the fitted t_x")
-        axis.set_xlabel(label)
-    axes[0].set_ylabel("held-out bits/dim")
-    axes[1].legend(fontsize=7)
-    figure.tight_layout()
+    figure = plot_bits_per_dim(rows, models)
     figure.savefig(os.path.join(out, "bits_per_dim.png"), dpi=100)
+    from matplotlib import pyplot  # imported by plot_bits_per_dim
     pyplot.close(figure)
 
     blocks = []
@@ -191,7 +216,7 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=cli.DefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
-                        help="reduced: 32x32, runs here in a few hours; paper: the paper's "
+                        help="reduced: 32x32, about 90 minutes on 2 shared CPU cores; paper: the paper's "
                              "sizes (a GPU); tiny: a smoke test")
     parser.add_argument("--data-dir", default=None,
                         help="the faces (default: the shared 64x64 CelebA folder)")

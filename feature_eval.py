@@ -13,7 +13,7 @@ import keras
 
 from training.precision import in_float32
 from common import write_json
-from pictures import image_grid, save_grid, write_png
+from pictures import neighbour_grid, write_png
 from training.checkpoint import read_state
 
 
@@ -139,42 +139,32 @@ class KnnMonitor(keras.callbacks.Callback):
 
 def save_neighbour_pictures(run_dir, train_mu, test_mu, train_images, test_images, seed,
                             queries=10, neighbours=9):
-    """10 random test images, each followed by its 9 nearest training images by mu, by
-    Euclidean distance and by cosine similarity; true pixels."""
+    """10 random test images, each (in a red frame, pictures.neighbour_grid) followed by its 9
+    nearest training images by mu, by Euclidean distance and by cosine similarity; true
+    pixels."""
     picked = np.random.default_rng(seed).choice(len(test_mu), min(queries, len(test_mu)),
                                                 replace=False)
     paths = []
     for metric in ("euclidean", "cosine"):
         indices, _ = nearest(test_mu[picked], train_mu, neighbours, metric)
-        rows = [np.concatenate([test_images[i:i + 1], train_images[found]])
-                for i, found in zip(picked, indices)]
-        path = os.path.join(run_dir, f"neighbours_{metric}.png")
-        save_grid(path, np.concatenate(rows), rows=len(rows), cols=1 + indices.shape[1],
-                  value_range=(0, 255))
-        paths.append(path)
+        picture, _ = neighbour_grid(test_images[picked], [train_images[indices]], (0, 255))
+        paths.append(write_png(os.path.join(run_dir, f"neighbours_{metric}.png"), picture))
     return paths
 
 
 def save_neighbour_comparison(path, codes, bank_images, query_images, seed, queries=8,
                               neighbours=5):
-    """One picture, the same `queries` random test images for every model: per row the query,
-    then for each model (`codes`: {label: (bank codes, query codes)}, left to right) its
-    `neighbours` nearest training images by cosine similarity, a white gap between blocks and
-    the labels on top; true pixels."""
+    """One picture, the same `queries` random test images for every model: per row the query
+    (in a red frame, pictures.neighbour_grid), then for each model (`codes`: {label: (bank
+    codes, query codes)}, left to right) its `neighbours` nearest training images by cosine
+    similarity, a white gap between blocks and the labels on top; true pixels."""
     picked = np.random.default_rng(seed).choice(len(query_images),
                                                 min(queries, len(query_images)), replace=False)
-    size = query_images.shape[1]
-    gap = np.full((1, size, size, 3), 255, np.uint8)
-    blocks = [[query_images[i:i + 1], gap] for i in picked]
-    for bank, query_codes in codes.values():
-        indices, _ = nearest(query_codes[picked], bank, neighbours, "cosine")
-        for row, found in zip(blocks, indices):
-            row += [bank_images[found], gap]
-    rows = [np.concatenate(row[:-1]) for row in blocks]
-    cols = len(rows[0])
-    grid = image_grid(np.concatenate(rows), len(rows), cols, value_range=(0, 255))
-    header = label_strip(grid.shape[1], size, [("query", 0)] + [
-        (label, (2 + k * (neighbours + 1)) * size) for k, label in enumerate(codes)])
+    blocks = [bank_images[nearest(query_codes[picked], bank, neighbours, "cosine")[0]]
+              for bank, query_codes in codes.values()]
+    grid, offsets = neighbour_grid(query_images[picked], blocks, (0, 255))
+    header = label_strip(grid.shape[1], query_images.shape[1],
+                         [("query", 0)] + list(zip(codes, offsets)))
     write_png(path, np.concatenate([header, grid]))
     return path
 

@@ -28,6 +28,37 @@ def image_grid(images, rows, cols, value_range=(-1.0, 1.0)):
     return images.transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
+# The query of a neighbour picture: its tile in a frame of this colour, then a white gap
+QUERY_FRAME_COLOUR = (214, 39, 40)  # red
+QUERY_FRAME = 2  # pixels of frame around each query tile
+NEIGHBOUR_GAP = 6  # white pixels after the query column and between blocks of neighbours
+
+
+def neighbour_grid(queries, blocks, value_range=(-1.0, 1.0)):
+    """One row per query: the query tile in a red frame, a white gap, then its neighbours,
+    one or more blocks of them (each (rows, k, h, w, 3), a white gap between blocks). The
+    frame and the gaps lie around the tiles: no pixel of an image is covered. Returns the
+    uint8 picture and the x offset of each block (for labels above it)."""
+    queries = to_uint8(queries, value_range)
+    blocks = [to_uint8(block, value_range) for block in blocks]
+    rows, h, w, c = queries.shape
+    frame, gap = QUERY_FRAME, NEIGHBOUR_GAP
+    row_height = h + 2 * frame
+    offsets = [w + 2 * frame + gap]
+    for block in blocks[:-1]:
+        offsets.append(offsets[-1] + block.shape[1] * w + gap)
+    width = offsets[-1] + blocks[-1].shape[1] * w if blocks else w + 2 * frame
+    picture = np.full((rows * row_height, width, c), 255, np.uint8)
+    for row in range(rows):
+        top = row * row_height
+        picture[top:top + row_height, :w + 2 * frame] = QUERY_FRAME_COLOUR
+        picture[top + frame:top + frame + h, frame:frame + w] = queries[row]
+        for x, block in zip(offsets, blocks):
+            strip = block[row].transpose(1, 0, 2, 3).reshape(h, -1, c)  # k tiles side by side
+            picture[top + frame:top + frame + h, x:x + strip.shape[1]] = strip
+    return picture, offsets
+
+
 def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0), kept=None):
     """Write images as one PNG grid (atomically: a half-written PNG never replaces a good one;
     one that cannot be written is a CannotWrite, `kept` saying what is safe)."""

@@ -31,14 +31,17 @@ def write_matches(path, matches):
 
 
 def neighbour_picture(path, query_image, files, size):
-    """The query followed by its neighbours (decoded as indexed; a file gone since: black)."""
-    tiles = [query_image]
+    """The query (in a red frame, pictures.neighbour_grid) followed by its neighbours (decoded
+    as indexed; a file gone since: black)."""
+    tiles = []
     for file in files:
         try:
             tiles.append(read_image(file, size).numpy())
         except (tf.errors.OpError, ValueError):
             tiles.append(np.zeros_like(query_image))
-    return pictures.save_grid(path, np.stack(tiles), rows=1, cols=len(tiles), value_range=(0, 255))
+    picture, _ = pictures.neighbour_grid(np.asarray(query_image)[None],
+                                         [np.stack(tiles)[None]] if tiles else [], (0, 255))
+    return pictures.write_png(path, picture)
 
 
 def print_matches(matches):

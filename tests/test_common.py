@@ -114,6 +114,29 @@ def test_grid_tiles_row_by_row_with_the_spec_pixel_mapping(tmp_path):
     assert os.listdir(tmp_path) == ["g.png"]
 
 
+def test_neighbour_grid_frames_the_query_and_leaves_every_tile_untouched():
+    rng = np.random.default_rng(0)
+    queries = rng.integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    blocks = [rng.integers(0, 256, (2, k, 4, 5, 3), dtype=np.uint8) for k in (3, 2)]
+    grid, offsets = pictures.neighbour_grid(queries, blocks, value_range=(0, 255))
+    frame, gap = pictures.QUERY_FRAME, pictures.NEIGHBOUR_GAP
+    assert offsets == [5 + 2 * frame + gap, 5 + 2 * frame + gap + 3 * 5 + gap]
+    assert grid.shape == (2 * (4 + 2 * frame), offsets[1] + 2 * 5, 3)
+    for row in range(2):
+        top = row * (4 + 2 * frame)
+        framed = grid[top:top + 4 + 2 * frame, :5 + 2 * frame]
+        inside = np.zeros(framed.shape[:2], bool)
+        inside[frame:frame + 4, frame:frame + 5] = True
+        assert (framed[~inside] == pictures.QUERY_FRAME_COLOUR).all()  # a red frame all round
+        np.testing.assert_array_equal(framed[inside].reshape(4, 5, 3), queries[row])
+        assert (grid[top:top + 4 + 2 * frame, 5 + 2 * frame:offsets[0]] == 255).all()  # white
+        for x, block in zip(offsets, blocks):
+            for k, tile in enumerate(block[row]):  # each neighbour pixel for pixel
+                np.testing.assert_array_equal(
+                    grid[top + frame:top + frame + 4, x + 5 * k:x + 5 * k + 5], tile)
+    assert (grid[:, offsets[0] + 3 * 5:offsets[1]] == 255).all()  # the gap between blocks
+
+
 def test_unwritable_out_is_reported_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -75,6 +75,26 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
     assert len(json.load(open(out / "compare.json"))["rows"]) == 6
 
 
+def test_the_plot_says_which_lines_are_bounds_and_which_is_exact():
+    rows = [{"model": name, "epoch": epoch, "steps": 200 * epoch, "seconds": 60.0 * epoch,
+             "bits_per_dim": 5.0 - epoch / 10, "samples": 1 if name == "glow" else 16,
+             "bits_per_dim_fitted_t_x": None if name == "glow" else 4.9 - epoch / 10}
+            for name in ("fvae", "glow", "vae") for epoch in (1, 2)]
+    figure = compare.plot_bits_per_dim(rows, ["fvae", "glow", "vae"])
+    for axis in figure.axes:
+        assert [line.get_label() for line in axis.get_lines()] == [
+            "f-VAE: bound, importance-weighted, K = 16",
+            "f-VAE: bound, importance-weighted, K = 16, at the fitted t_x",
+            "Glow: exact",
+            "VAE: bound, importance-weighted, K = 16",
+            "VAE: bound, importance-weighted, K = 16, at the fitted t_x"]
+    assert [t.get_text() for t in figure.axes[1].get_legend().get_texts()] == [
+        line.get_label() for line in figure.axes[1].get_lines()]
+    assert "importance-weighted bound with K posterior draws" in figure.texts[0].get_text()
+    from matplotlib import pyplot
+    pyplot.close(figure)
+
+
 def test_bad_data_folder_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "--data-dir",
                              str(tmp_path / "none")], capture_output=True, text=True, timeout=120)

@@ -392,7 +392,8 @@ def test_search_command_prints_draws_and_writes_csv_and_json(run, tmp_path, caps
         (q, str(rank)) for q in (own, str(queries / "q1.jpg"), str(queries / "deeper" / "q2.png"))
         for rank in (1, 2, 3)]  # a folder's images in image_files.list_image_files' order
     assert rows[0]["file"] == own and float(rows[0]["score"]) == pytest.approx(1.0, abs=1e-5)
-    assert iio.imread(os.path.join(run, "search_q1_cosine.png")).shape == (8, 4 * 8, 3)
+    # the query framed (8 + 2 x 2 px), a 6 px gap, 3 neighbours
+    assert iio.imread(os.path.join(run, "search_q1_cosine.png")).shape == (12, 12 + 6 + 3 * 8, 3)
 
     assert run_cli("search", "--index", index, "--query", own, "--metric", "euclidean",
                    "--results", str(results / "found.json"), "--max-pictures", "0") == 0

@@ -485,7 +485,8 @@ def test_command_line_trains_writes_everything_resumes_and_searches(tmp_path, ca
                  "config.json", "mu_stats.json", "metrics.json", "neighbours_euclidean.png",
                  "neighbours_cosine.png"):
         assert os.path.isfile(os.path.join(out, name)), name
-    assert iio.imread(os.path.join(out, "neighbours_cosine.png")).shape == (320, 320, 3)
+    # 10 rows of a framed query (32 + 2 x 2 px), a 6 px gap and 9 neighbours
+    assert iio.imread(os.path.join(out, "neighbours_cosine.png")).shape == (360, 36 + 6 + 9 * 32, 3)
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     for who in ("trained", "random_encoder"):
         assert set(metrics[who]) == {"mu", "local"}
@@ -550,8 +551,9 @@ def test_ablation_command_writes_its_table_and_picture(tmp_path, capsys):
             assert 0.0 <= float(row[column]) <= 100.0
     assert "| both | mu |" in (out / "ablation.md").read_text()
     picture = iio.imread(out / "ablation_neighbours.png")
-    # 8 query rows of 32 px under a label strip; query + gap + 3 x (5 neighbours + gap) - gap
-    assert picture.shape[1] == (2 + 3 * 6 - 1) * 32 and picture.shape[0] == 8 * 32 + 16
+    # 8 rows of a framed query (32 + 2 x 2 px) under a label strip; query + 3 x (6 px gap +
+    # 5 neighbours)
+    assert picture.shape[1] == 36 + 3 * (6 + 5 * 32) and picture.shape[0] == 8 * 36 + 16
 
 
 def test_bad_paths_exit_with_status_2_and_a_clear_message(tmp_path, capsys):
