@@ -60,7 +60,8 @@ class FaceRunSettings(RunSettings):
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
             "sample": "9x9 grids of samples at each temperature",
             "reconstruct": "reconstructions of real images, directly and through the flow",
-            "interpolate": "interpolations in z between two and between four real images",
+            "interpolate": "interpolations in z between two and between four real images (or "
+                           "generated samples: --between samples)",
             "sweep": "the same noise at a row of temperatures",
             "evaluate": "loss parts and bits/dim on held-out (or --eval-dir) images",
             "encode": "z and bits/dim of every image of a folder, to .npy and .csv",
@@ -157,10 +158,15 @@ def benchmark_setup(face_model, img_size=64, batch_size=None, quick=False, preci
 
 # =========================================================================== sample grids
 
+def sample_latents(model, n, temperature, seed=0):
+    """n flow latents z ~ N(0, T^2 I) drawn from a fixed numpy seed (those of `sample_images`)."""
+    return temperature * np.random.RandomState(seed).randn(n, model.latent_dims).astype("float32")
+
+
 def sample_images(model, n, temperature, seed=0, batch=32):
     """n images G(F^-1(z)) (Glow: F^-1(z)), z ~ N(0, T^2 I), drawn from a fixed numpy seed."""
-    noise = np.random.RandomState(seed).randn(n, model.latent_dims).astype("float32")
-    return np.concatenate([ops.convert_to_numpy(model.generate(temperature * noise[i:i + batch]))
+    z = sample_latents(model, n, temperature, seed)
+    return np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + batch]))
                            for i in range(0, n, batch)])
 
 
@@ -256,6 +262,8 @@ def real_images(config, n, seed):
     picks = np.random.RandomState(seed).choice(len(pool), n, replace=len(pool) < n)
     return np.stack([scale_pixels(image_files.load_image(pool[i], config.img_size)).numpy()
                      for i in picks])
+
+
 def command_sample(args, config, model):
     for t in args.temperatures:
         images = sample_images(model, args.rows * args.cols, t, args.seed)
@@ -263,12 +271,17 @@ def command_sample(args, config, model):
                                args.rows, args.cols))
 
 
+def sweep_images(model, rows, temperatures, seed=0):
+    """rows x len(temperatures) images, row by row: z = T * eps, eps ~ N(0, I) fixed per row."""
+    noise = np.random.RandomState(seed).randn(rows, model.latent_dims)
+    z = np.stack([t * noise for t in temperatures], axis=1).reshape(-1, noise.shape[1])
+    return np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + 32].astype("float32")))
+                           for i in range(0, len(z), 32)])
+
+
 def command_sweep(args, config, model):
     """One row per noise draw, one column per temperature: z = T * eps with eps fixed per row."""
-    noise = np.random.RandomState(args.seed).randn(args.rows, model.latent_dims)
-    z = np.stack([t * noise for t in args.sweep], axis=1).reshape(-1, noise.shape[1])
-    images = np.concatenate([ops.convert_to_numpy(model.generate(z[i:i + 32].astype("float32")))
-                             for i in range(0, len(z), 32)])
+    images = sweep_images(model, args.rows, args.sweep, args.seed)
     print(pictures.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
 
 
@@ -285,24 +298,46 @@ def command_reconstruct(args, config, model):
                            args.rows, 3 * (args.cols // 3)))
 
 
+def linear_paths(starts, ends, steps):
+    """(pairs, steps, d): for each pair of latents, `steps` points (1 - a) z_a + a z_b, a from
+    0 to 1."""
+    a = np.linspace(0.0, 1.0, steps, dtype="float32")[None, :, None]
+    return starts[:, None] * (1 - a) + ends[:, None] * a
+
+
+def bilinear_grid(corners, rows, cols):
+    """(rows, cols, d): bilinear in the four latents at the corners (top left, top right,
+    bottom left, bottom right)."""
+    a = np.linspace(0.0, 1.0, rows, dtype="float32")[:, None, None]
+    b = np.linspace(0.0, 1.0, cols, dtype="float32")[None, :, None]
+    return ((1 - a) * (1 - b) * corners[0] + (1 - a) * b * corners[1]
+            + a * (1 - b) * corners[2] + a * b * corners[3])
+
+
+def decode_rows(model, latents):
+    """The images of a (rows, cols, d) array of latents, row by row."""
+    return np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in latents])
+
+
 def command_interpolate(args, config, model):
     """interpolate_2.png: per row, `cols` steps linear in z between two real images;
-    interpolate_4.png: rows x cols, bilinear in z between four real images at the corners."""
-    steps = np.linspace(0.0, 1.0, args.cols, dtype="float32")
-    x = real_images(config, 2 * args.rows, args.seed)
-    z = ops.convert_to_numpy(model.latent(x))
-    z_a, z_b = z[0::2], z[1::2]
-    path = (z_a[:, None] * (1 - steps)[None, :, None] + z_b[:, None] * steps[None, :, None])
-    images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in path])
-    print(pictures.save_grid(os.path.join(args.out, "interpolate_2.png"), images, args.rows, args.cols))
-
-    corners = ops.convert_to_numpy(model.latent(real_images(config, 4, args.seed + 1)))
-    a = np.linspace(0.0, 1.0, args.rows, dtype="float32")[:, None, None]
-    b = steps[None, :, None]
-    grid = ((1 - a) * (1 - b) * corners[0] + (1 - a) * b * corners[1]
-            + a * (1 - b) * corners[2] + a * b * corners[3])
-    images = np.concatenate([ops.convert_to_numpy(model.generate(row)) for row in grid])
-    print(pictures.save_grid(os.path.join(args.out, "interpolate_4.png"), images, args.rows, args.cols))
+    interpolate_4.png: rows x cols, bilinear in z between four real images at the corners.
+    With `--between samples` the ends are generated samples, z ~ N(0, T^2 I) (the z of
+    `sample` at that seed), in interpolate_2_T<T>.png and interpolate_4_T<T>.png."""
+    if args.between == "samples":
+        ends = lambda n, seed: sample_latents(model, n, args.temperature, seed)  # noqa: E731
+        suffix = f"_T{args.temperature}"
+    else:
+        ends = lambda n, seed: ops.convert_to_numpy(  # noqa: E731
+            model.latent(real_images(config, n, seed)))
+        suffix = ""
+    z = ends(2 * args.rows, args.seed)
+    images = decode_rows(model, linear_paths(z[0::2], z[1::2], args.cols))
+    print(pictures.save_grid(os.path.join(args.out, f"interpolate_2{suffix}.png"), images,
+                             args.rows, args.cols))
+    images = decode_rows(model, bilinear_grid(ends(4, args.seed + 1), args.rows, args.cols))
+    print(pictures.save_grid(os.path.join(args.out, f"interpolate_4{suffix}.png"), images,
+                             args.rows, args.cols))
 
 
 def command_evaluate(args, config, model):
@@ -501,6 +536,16 @@ def temperature_list(text):
     return values
 
 
+def temperature(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a temperature must be a number >= 0")
+    return value
+
+
 def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     """The flags of the commands on a trained run ({name: sub-parser})."""
     for name in commands:
@@ -531,6 +576,13 @@ def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     commands["sweep"].add_argument("--sweep", type=temperature_list,
                                    default=[round(0.1 * i, 1) for i in range(11)],
                                    help="the temperatures of the columns")
+    commands["interpolate"].add_argument("--between", choices=("images", "samples"),
+                                         default="images",
+                                         help="the ends: real images (held out) or generated "
+                                              "samples, z ~ N(0, T^2 I)")
+    commands["interpolate"].add_argument("--temperature", type=temperature, default=0.8,
+                                         metavar="T", help="T of the samples at the ends "
+                                                           "(with --between samples)")
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")

@@ -1,5 +1,5 @@
-"""Pictures: model pixels to 0..255, grids of images, PNG files written so that a half-written
-one never replaces a good one."""
+"""Pictures: model pixels to 0..255, grids of images (with labels of their rows and columns if
+wanted), PNG files written so that a half-written one never replaces a good one."""
 
 import math
 import os
@@ -68,15 +68,38 @@ def save_grid(path, images, rows=None, cols=None, value_range=(-1.0, 1.0), kept=
     return write_png(path, image_grid(images, rows, cols, value_range), kept)
 
 
-def write_png(path, picture, kept=None):
+def write_png(path, picture, kept=None, max_bytes=None):
     """Write a uint8 picture as PNG through a temporary file: a half-written PNG never
     replaces a good one; one that cannot be written is a CannotWrite, `kept` saying what is
-    safe."""
+    safe. With `max_bytes`, a picture whose PNG would be larger is stored in 256 colours
+    (median cut) instead."""
     tmp = path + ".tmp.png"
     try:
         iio.imwrite(tmp, picture)
+        if max_bytes and os.path.getsize(tmp) > max_bytes:
+            iio.imwrite(tmp, picture, bits=8)
         os.replace(tmp, path)
     except OSError as e:
         remove_quietly(tmp)
         raise cannot_write(path, e, picture.nbytes, kept) from None
     return path
+
+
+def with_labels(picture, tile, column_labels=(), row_labels=(), font_size=11):
+    """The picture with a white strip above naming its columns of `tile`-pixel tiles and one
+    on the left naming its rows (no strip where no labels are given)."""
+    from PIL import Image, ImageDraw, ImageFont  # imageio's own dependency
+
+    font = ImageFont.load_default(font_size)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    top = font_size + 8 if column_labels else 0
+    left = int(max(measure.textlength(text, font) for text in row_labels)) + 10 if row_labels else 0
+    height, width = picture.shape[:2]
+    canvas = Image.new("RGB", (left + width, top + height), "white")
+    canvas.paste(Image.fromarray(np.asarray(picture, np.uint8)), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(column_labels):
+        draw.text((left + (i + 0.5) * tile, top / 2), text, fill="black", font=font, anchor="mm")
+    for i, text in enumerate(row_labels):
+        draw.text((left - 5, top + (i + 0.5) * tile), text, fill="black", font=font, anchor="rm")
+    return np.asarray(canvas)

@@ -137,6 +137,26 @@ def test_neighbour_grid_frames_the_query_and_leaves_every_tile_untouched():
     assert (grid[:, offsets[0] + 3 * 5:offsets[1]] == 255).all()  # the gap between blocks
 
 
+def test_a_png_over_its_size_limit_is_stored_in_256_colours(tmp_path):
+    picture = RNG.randint(0, 256, (64, 64, 3)).astype(np.uint8)  # noise: 4096 colours
+    full = pictures.write_png(str(tmp_path / "full.png"), picture, max_bytes=10**6)
+    np.testing.assert_array_equal(np.asarray(Image.open(full)), picture)
+    small = pictures.write_png(str(tmp_path / "small.png"), picture, max_bytes=10_000)
+    assert Image.open(small).mode == "P" and len(Image.open(small).getcolors()) <= 256
+    assert os.path.getsize(small) < os.path.getsize(full)
+    assert sorted(os.listdir(tmp_path)) == ["full.png", "small.png"]
+
+
+def test_labels_go_in_strips_above_the_columns_and_left_of_the_rows():
+    grid = np.zeros((2 * 16, 3 * 16, 3), np.uint8)
+    labelled = pictures.with_labels(grid, 16, ["a", "b", "c"], ["row 1", "row 2"])
+    height, width, _ = labelled.shape
+    assert 2 * 16 < height < 2 * 16 + 30 and 3 * 16 < width < 3 * 16 + 60
+    np.testing.assert_array_equal(labelled[height - 32:, width - 48:], grid)  # bottom right
+    assert labelled[:height - 32].min() < 128 and labelled[:, :width - 48].min() < 128  # text
+    np.testing.assert_array_equal(pictures.with_labels(grid, 16), grid)
+
+
 def test_unwritable_out_is_reported_before_any_work(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

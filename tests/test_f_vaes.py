@@ -311,6 +311,30 @@ def test_sweep_rows_share_one_noise_and_columns_scale_it(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
+def test_interpolation_between_samples_starts_and_ends_at_their_noise(tmp_path):
+    """`interpolate --between samples`: the ends of each row are the z of `sample` at that seed
+    and temperature, the steps between lie on the straight line, and the 4-corner grid is
+    bilinear; the pictures get their own names (those of real images are not replaced)."""
+    model = RecordingModel()
+    args = face_runs.parse_args(f_vaes.FVAE_RUNS, [
+        "interpolate", "--out", str(tmp_path), "--rows", "3", "--cols", "5",
+        "--between", "samples", "--temperature", "0.8", "--seed", "4"])
+    face_runs.command_interpolate(args, Config(img_size=16), model)
+    z = model.drawn().reshape(-1, 16 * 16 * 3)
+    pairs, grid = z[:15].reshape(3, 5, -1), z[15:].reshape(3, 5, -1)
+    ends = face_runs.sample_latents(model, 6, 0.8, seed=4)
+    np.testing.assert_array_equal(pairs[:, 0], ends[0::2])
+    np.testing.assert_allclose(pairs[:, -1], ends[1::2], atol=1e-6)
+    np.testing.assert_allclose(pairs[:, 2], (ends[0::2] + ends[1::2]) / 2, atol=1e-6)
+    corners = face_runs.sample_latents(model, 4, 0.8, seed=5)
+    np.testing.assert_allclose(grid[[0, 0, -1, -1], [0, -1, 0, -1]], corners, atol=1e-6)
+    np.testing.assert_allclose(grid[1, 2], corners.mean(axis=0), atol=1e-6)
+    assert abs(ends.std() - 0.8) < 0.02
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interpolate_2_T0.8.png",
+                                                         "interpolate_4_T0.8.png"]
+    assert face_runs.parse_args(f_vaes.FVAE_RUNS, ["interpolate"]).between == "images"
+
+
 def test_generate_decodes_the_inverse_flow_and_latent_is_the_flow_of_the_encoding():
     """generate(z) = G(F^-1(z)): for z = F(v), the picture is G(v); latent(x) = F(E(x))."""
     model = tiny_model(seed=3)
@@ -491,6 +515,7 @@ def test_commands_on_a_trained_run(tiny_run, capsys):
     assert f_vaes.main(["sample"] + out + ["--temperatures", "1.0,0.5"]) == 0
     assert f_vaes.main(["reconstruct"] + out) == 0
     assert f_vaes.main(["interpolate"] + out) == 0
+    assert f_vaes.main(["interpolate"] + out + ["--between", "samples", "--rows", "2"]) == 0
     assert f_vaes.main(["sweep"] + out) == 0
     assert f_vaes.main(["evaluate"] + out + ["--weights", "latest"]) == 0
     shapes = {name: iio.imread(run / name).shape[:2] for name in
@@ -498,6 +523,7 @@ def test_commands_on_a_trained_run(tiny_run, capsys):
                "interpolate_2.png", "interpolate_4.png", "sweep.png")}
     assert shapes["sample_T0.5.png"] == (144, 144) and shapes["interpolate_4.png"] == (144, 144)
     assert shapes["sweep.png"] == (144, 11 * 16) and shapes["reconstruct_pairs.png"] == (144, 144)
+    assert iio.imread(run / "interpolate_2_T0.8.png").shape[:2] == (32, 144)
     printed = capsys.readouterr().out
     assert "evaluated 2 images" in printed and "bits_per_dim" in printed
     result = json.loads((run / "evaluate.json").read_text())
