@@ -365,6 +365,8 @@ def command_evaluate(args, config, model):
     if hasattr(model, "log_precision"):  # a decoder: the bound at its best scale too
         dims = config.img_size ** 2 * 3
         results["log_precision"] = float(ops.convert_to_numpy(model.log_precision))
+        results["sampled_reconstruction_rmse"] = sampled_reconstruction_rmse(
+            results["recon"], dims, results["log_precision"])
         results["fitted_log_precision"] = fitted_log_precision(model, config, args.seed)
         refit = lambda loss, recon: refitted_loss(  # noqa: E731
             loss, recon, dims, results["log_precision"], results["fitted_log_precision"])
@@ -374,10 +376,13 @@ def command_evaluate(args, config, model):
         results["bits_per_dim_fitted_t_x"] = float(bits_per_dim(loss, dims))
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
           f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
-          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255; *_fitted_t_x: "
-          f"the bound with the decoder's scale t_x set to its best value on training images):")
-    for name in (*model.LOG_NAMES, "reconstruction_rmse", "log_precision",
-                 "fitted_log_precision", "loss_fitted_t_x", "bits_per_dim_fitted_t_x"):
+          f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255; "
+          f"sampled_reconstruction_rmse: G(v), v drawn from the posterior, as the loss scores it; "
+          f"*_fitted_t_x: the bound with the decoder's scale t_x set to its best value on "
+          f"training images):")
+    for name in (*model.LOG_NAMES, "reconstruction_rmse", "sampled_reconstruction_rmse",
+                 "log_precision", "fitted_log_precision", "loss_fitted_t_x",
+                 "bits_per_dim_fitted_t_x"):
         if results.get(name) is not None:
             print(f"  {name:13s} {results[name]:.4f}")
     common.write_json(os.path.join(args.out, "evaluate.json"),
@@ -394,6 +399,15 @@ def squared_residuals(recon, dims, log_precision):
     log-precision t_x: recon = 0.5*exp(2 t_x)*sum(r^2) + 0.5*D*log(2pi) - D*t_x."""
     recon = np.asarray(recon, np.float64)
     return 2.0 * (recon - 0.5 * dims * LOG_2PI + dims * log_precision) * np.exp(-2.0 * log_precision)
+
+
+def sampled_reconstruction_rmse(recon, dims, log_precision):
+    """Root mean squared error of the sampled reconstructions G(v), v a posterior draw, against
+    the dequantised images (as the loss scores them), in pixel values 0..255: read back from
+    the mean reconstruction term. Early in training it can be below G(E(x))'s: while the
+    posterior noise outweighs E(x), the decoder has only ever seen noisy v (and its batch-norm
+    statistics were gathered on them), so the mean alone is an input unlike any it learnt on."""
+    return float(np.sqrt(squared_residuals(recon, dims, log_precision) / dims) * 255.0 / 2.0)
 
 
 def refitted_loss(loss, recon, dims, log_precision, fitted):

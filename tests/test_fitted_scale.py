@@ -1,12 +1,15 @@
 """The bound at the fitted decoder scale (`evaluate`'s *_fitted_t_x): the squared residuals are
 read back exactly from the reconstruction term, the refitted loss is the loss at t_x and is
 lowest at t_x* = -1/2 ln(mean squared residual), and evaluate reports it for the VAEs (K = 1
-and the importance-weighted bound) but not for Glow."""
+and the importance-weighted bound) but not for Glow; the error of the sampled reconstructions
+G(v) that evaluate reads back from the same term is G(E(x))'s when the posterior has no noise."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from keras import ops
 
 import f_vaes
@@ -64,3 +67,23 @@ def test_evaluate_reports_the_bound_at_the_fitted_scale(tiny_run, samples):  # n
     # after one epoch t_x is still near 0, its best value well above: the refit lowers the bound
     assert result["fitted_log_precision"] > result["log_precision"]
     assert result["bits_per_dim_fitted_t_x"] < result["bits_per_dim"]
+
+
+def test_sampled_reconstruction_error_is_g_of_e_x_error_without_posterior_noise(
+        tiny_run, tmp_path, monkeypatch):  # noqa: F811
+    """With the noise scale exp(s_u) ~ 0, v = E(x): evaluate's sampled_reconstruction_rmse
+    (read back from the loss, on dequantised pixels) and reconstruction_rmse (G(E(x)) rounded
+    to 0..255 against the integer pixels) measure the same error, up to the half-level
+    differences between the two pixel scalings and the rounding."""
+    _, trained = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _, model = face_runs.load_run(f_vaes.FVAE_RUNS, str(run))
+    model.log_noise_scale.assign(-30.0)
+    model.save_weights(str(run / "best.weights.h5"))
+    monkeypatch.setattr(face_runs, "dequantise", lambda x: (tf.round(x) + 0.5) / 128.0 - 1.0)
+    assert f_vaes.main(["evaluate", "--out", str(run)]) == 0
+    result = json.loads((run / "evaluate.json").read_text())
+    assert result["reconstruction_rmse"] > 5  # an error well above the tolerance
+    assert result["sampled_reconstruction_rmse"] == pytest.approx(result["reconstruction_rmse"],
+                                                                  abs=1.0)
