@@ -69,6 +69,11 @@ class SameConv2D(keras.layers.Conv2D):
         return ops.reshape(outputs, (-1, h, w, c_out))
 
 
+# Below this many channels a bfloat16/float16 batch is normalised in float32 (measured, see
+# BatchNormalization).
+FLOAT32_BELOW_CHANNELS = 16
+
+
 @keras.saving.register_keras_serializable(package="flow_layers")
 class BatchNormalization(keras.layers.BatchNormalization):
     """`keras.layers.BatchNormalization`, the same variables, outputs and moving statistics,
@@ -80,9 +85,13 @@ class BatchNormalization(keras.layers.BatchNormalization):
     the unbiased one (times n/(n-1)); it is scaled back so that the moving variance follows
     Keras 3's rule. Under a mixed policy the kernel takes the bfloat16 or float16 batch as it
     is, with float32 scale, offset and statistics (Keras casts the batch to float32 and back
-    around ten ops). Anything else (inference, masks, `synchronized=True` across replicas,
-    renorm, other ranks or dtypes, other backends) takes Keras' own path. The class keeps
-    Keras' name so that weights files are interchangeable with `keras.layers.BatchNormalization`.
+    around ten ops), except a batch of fewer than FLOAT32_BELOW_CHANNELS channels, which is
+    normalised in float32 and cast back: oneDNN's bfloat16 kernel is several times slower than
+    its float32 one on such narrow maps (the f-VAE's 12-channel blocks at 32x32: 12.4 against
+    1.45 ms a layer, forward and backward; docs/precision.md). Anything else (inference, masks,
+    `synchronized=True` across replicas, renorm, other ranks or dtypes, other backends) takes
+    Keras' own path. The class keeps Keras' name so that weights files are interchangeable
+    with `keras.layers.BatchNormalization`.
     """
 
     def _fused_applies(self, inputs, training, mask):
@@ -95,6 +104,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._fused_applies(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
+        if inputs.dtype != "float32" and inputs.shape[-1] < FLOAT32_BELOW_CHANNELS:
+            return tf.cast(self._fused(tf.cast(inputs, "float32")), inputs.dtype)
+        return self._fused(inputs)
+
+    def _fused(self, inputs):
         outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
             inputs, self.gamma, self.beta, epsilon=self.epsilon, data_format="NHWC",
             is_training=True)[:3]

@@ -115,6 +115,34 @@ def test_the_fused_batch_norm_matches_keras_in_low_precision(policy):
                                    rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_a_narrow_batch_is_normalised_in_float32_under_a_mixed_policy(policy, monkeypatch):
+    """Fewer than 16 channels (the f-VAE's 12-channel blocks): the fused kernel gets the batch
+    cast to float32, so the output is float32's rounded once to the policy's dtype and the
+    moving statistics are float32's exactly; 16 channels or more reach it in the policy's
+    dtype."""
+    import speedups
+    low = policy.split("_")[1]
+    seen = []
+    fused = speedups.BatchNormalization._fused
+    monkeypatch.setattr(speedups.BatchNormalization, "_fused",
+                        lambda self, inputs: seen.append(inputs.dtype) or fused(self, inputs))
+    for channels, kernel_dtype in [(speedups.FLOAT32_BELOW_CHANNELS - 4, "float32"),
+                                   (speedups.FLOAT32_BELOW_CHANNELS, low)]:
+        x = ops.cast(np.random.RandomState(4).randn(8, 6, 6, channels) * 3 + 1, low)
+        with precision.networks(policy):
+            mixed = speedups.BatchNormalization()
+        full = speedups.BatchNormalization()
+        y_mixed = mixed(x, training=True)
+        assert seen[-1] == kernel_dtype and y_mixed.dtype == low
+        y_full = full(ops.cast(x, "float32"), training=True)
+        if kernel_dtype == "float32":
+            np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(y_mixed, "float32")),
+                                          ops.convert_to_numpy(ops.cast(ops.cast(y_full, low), "float32")))
+            for a, b in zip(mixed.non_trainable_weights, full.non_trainable_weights):
+                np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+
+
 def small_model(policy):
     from speedups import FusedAdam
     with precision.networks(policy):
