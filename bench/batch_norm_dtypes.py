@@ -11,12 +11,13 @@ step (12 residual steps in the encoder, 12 in the decoder).
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tf_setup  # noqa: E402,F401 (first: oneDNN on, as the scripts run)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from step_parts import median_seconds  # noqa: E402 (bench/, beside this file)
 
 SHAPES = ((32, 32, 32, 12), (32, 16, 16, 48), (32, 8, 8, 192))
 PER_STEP = 24
@@ -36,14 +37,7 @@ def batch_norm_step(x, gamma, beta, upstream, via_float32):
 
 
 def median_ms(function, repeats):
-    for _ in range(3):
-        float(function())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        float(function())
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(function, repeats)
 
 
 def main():
