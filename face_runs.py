@@ -551,13 +551,11 @@ def temperature_list(text):
 
 
 def temperature(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a temperature must be a number >= 0")
-    return value
+    """One temperature, checked as `temperature_list` checks each."""
+    values = temperature_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one temperature")
+    return values[0]
 
 
 def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
