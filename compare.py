@@ -3,20 +3,26 @@ same faces with the same batch size and steps, compared at the same checkpoints.
 
     python compare.py --preset reduced      # about 90 minutes for all three on 2 CPU cores
                                             # shared with other training runs (2026-12-01)
+    python compare.py --preset long         # the reduced models, 16,000 steps of the f-VAE
+                                            # and the VAE, Glow for the f-VAE's wall time
     python compare.py --preset paper        # the paper's sizes, for a GPU
 
 Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
-the same command continues all three). After every epoch each is evaluated on the same
-held-out images (bits/dim in the f-VAE's convention; the VAEs with the importance-weighted
-bound of K posterior samples, Glow exactly) and the results go to compare.json, compare.md
-(model, trainable parameters, steps, seconds per step, training seconds so far, bits/dim
-at each checkpoint, K, and for the VAEs the bound at the decoder scale fitted on training
-images), bits_per_dim.png (bits/dim against steps and against training wall time; solid
-lines the f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained, or
-Glow's exact value, dashed the bounds at the fitted scale; the legend says which is which)
-and samples.png (a block per model, samples at
-T = 0.8 and 1.0 from the same noise). The two VAEs' reconstructions of held-out faces are
-written into their run folders (real faces never leave them).
+the same command continues all three). The models take turns, an epoch each. In the long
+preset Glow, whose step costs about 9 of the f-VAE's, has epochs of 125 steps and trains
+while its training wall time is below the f-VAE's, so that it ends with the f-VAE's wall
+time (to within one of its epochs) rather than its steps. After every epoch each is
+evaluated on the same held-out images (bits/dim in the f-VAE's convention; the VAEs with
+the importance-weighted bound of K posterior samples, Glow exactly) and the results go to
+compare.json, compare.md (each model's trainable parameters, K, seconds per step, steps,
+training seconds and last bits/dim; then bits/dim at equal steps and at equal training wall
+time, for the VAEs also the bound at the decoder scale fitted on training images),
+bits_per_dim.png (bits/dim against steps and against training wall time; solid lines the
+f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained, or Glow's
+exact value, dashed the bounds at the fitted scale; the legend says which is which) and
+samples.png (a block per model, samples at T = 0.8 and 1.0 from the same noise). The two
+VAEs' reconstructions of held-out faces are written into their run folders (real faces
+never leave them).
 
 Sizes (trainable parameters, each preset matched within 15 % of its f-VAE; counted here and
 in tests/test_compare.py): the paper preset's f-VAE is the paper's (95,830,082); its Glow is
@@ -45,16 +51,22 @@ from feature_eval import label_strip
 from training import monitor
 from training.precision import PRECISIONS
 
+# the reduced models (32x32, about 9M trainable parameters each)
+REDUCED_MODELS = {"fvae": ["--level", "3", "--depth", "4", "--res-steps", "2",
+                           "--coupling-width", "128"],
+                  "glow": ["--level", "3", "--depth", "8", "--coupling-width", "512"],
+                  "vae": ["--level", "3", "--res-steps", "11", "--posterior", "gaussian"]}
 PRESETS = {
     "paper": dict(img_size=64, batch_size=32, steps_per_epoch=1000, epochs=150, samples=64,
                   models={"fvae": [], "glow": ["--depth", "12", "--coupling-width", "1536"],
                           "vae": ["--res-steps", "122", "--posterior", "gaussian"]}),
     "reduced": dict(img_size=32, batch_size=32, steps_per_epoch=200, epochs=10, samples=16,
-                    models={"fvae": ["--level", "3", "--depth", "4", "--res-steps", "2",
-                                     "--coupling-width", "128"],
-                            "glow": ["--level", "3", "--depth", "8", "--coupling-width", "512"],
-                            "vae": ["--level", "3", "--res-steps", "11",
-                                    "--posterior", "gaussian"]}),
+                    models=REDUCED_MODELS),
+    # the reduced models long enough for the decoder scale t_x to settle: the f-VAE and the VAE
+    # 16,000 steps, Glow (about 9 f-VAE steps a step) for the f-VAE's training time
+    "long": dict(img_size=32, batch_size=32, steps_per_epoch=1000, epochs=16, samples=16,
+                 model_steps_per_epoch={"glow": 125}, wall_time_of={"glow": "fvae"},
+                 models=REDUCED_MODELS),
     # a smoke test of every output (tests/test_compare.py), not an experiment
     "tiny": dict(img_size=16, batch_size=4, steps_per_epoch=2, epochs=2, samples=4,
                  models={"fvae": ["--level", "2", "--depth", "1", "--res-steps", "1",
@@ -70,7 +82,8 @@ def train_argv(preset, name, args):
     """The training command line of one model (without --epochs)."""
     return [*preset["models"][name], "--img-size", str(preset["img_size"]),
             "--batch-size", str(preset["batch_size"]),
-            "--steps-per-epoch", str(preset["steps_per_epoch"]), "--holdout", str(args.holdout),
+            "--steps-per-epoch", str(model_steps_per_epoch(preset, name)),
+            "--holdout", str(args.holdout),
             "--seed", str(args.seed), "--data-dir", args.data_dir,
             "--precision", args.precision, "--out", os.path.join(args.out, name)]
 
@@ -81,42 +94,81 @@ def run_script(script, argv):
         raise common.TrainingStopped(f"{script.__name__}.py {' '.join(argv)} exited with {code}")
 
 
+def model_steps_per_epoch(preset, name):
+    """Steps between one model's checkpoints (the preset's, unless it names the model's own)."""
+    return preset.get("model_steps_per_epoch", {}).get(name, preset["steps_per_epoch"])
+
+
+def next_epoch(preset, rows, name):
+    """The next epoch of model `name` to train, or None when it is done. A model trains to the
+    preset's epochs, unless the preset matches it to another model's wall time
+    (`wall_time_of`): then it trains while its training seconds are below the other's."""
+    mine = [r for r in rows if r["model"] == name]
+    epoch = max((r["epoch"] for r in mine), default=0) + 1
+    reference = preset.get("wall_time_of", {}).get(name)
+    if reference is None:
+        return epoch if epoch <= preset["epochs"] else None
+    seconds = max((r["seconds"] for r in mine), default=0.0)
+    theirs = max((r["seconds"] for r in rows if r["model"] == reference), default=0.0)
+    return epoch if seconds < theirs else None
+
+
+def turns(preset, rows):
+    """(model, epoch) to train next, in turn, one epoch of each model that has one to go,
+    until none has; the caller appends each epoch's row to `rows` before the next."""
+    trained = True
+    while trained:
+        trained = False
+        for name in SCRIPTS:
+            epoch = next_epoch(preset, rows, name)
+            if epoch is not None:
+                yield name, epoch
+                trained = True
+
+
 def compare(args):
     preset = PRESETS[args.preset]
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "compare.json")
     results = common.read_json(results_path) if os.path.exists(results_path) else {
         "preset": args.preset, "rows": []}
-    done = {(r["model"], r["epoch"]) for r in results["rows"]}
-    for epoch in range(1, preset["epochs"] + 1):
-        for name, script in SCRIPTS.items():
-            if (name, epoch) in done:
-                continue
-            print(f"--- {name}: epoch {epoch} of {preset['epochs']}", flush=True)
-            started = time.time()
-            run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
-            seconds = time.time() - started
-            samples = 1 if name == "glow" else preset["samples"]  # Glow's likelihood is exact
-            run_dir = os.path.join(args.out, name)
-            run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
-                                "--samples", str(samples), "--seed", "0"])
-            evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
-            before = [r["seconds"] for r in results["rows"]
-                      if r["model"] == name and r["epoch"] == epoch - 1 and "seconds" in r]
-            results["rows"].append({
-                "model": name, "epoch": epoch, "steps": epoch * preset["steps_per_epoch"],
-                "seconds_per_step": seconds / preset["steps_per_epoch"],
-                "seconds": (before[0] if before else 0.0) + seconds,  # training wall time so far
-                "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
-                "bits_per_dim_fitted_t_x": evaluated.get("bits_per_dim_fitted_t_x"),
-                "held_out_images": evaluated["images"],
-                "trainable_parameters": trainable_parameters(MODELS[name], run_dir)})
-            common.write_json(results_path, results)
+    for name, epoch in turns(preset, results["rows"]):
+        results["rows"].append(train_and_score(preset, name, epoch, args, results["rows"]))
+        common.write_json(results_path, results)
     write_outputs(args.out, results, preset)
     for name in ("fvae", "vae"):
         run_script(f_vaes, ["reconstruct", "--out", os.path.join(args.out, name),
                             "--weights", "latest", "--rows", "4", "--cols", "6"])
     return results
+
+
+def train_and_score(preset, name, epoch, args, rows):
+    """Train model `name` to the end of `epoch` (resuming its run) and score it on the
+    held-out faces; its row of compare.json. Training seconds include each epoch's start-up
+    (building the model, reading the saved run), the same for every model."""
+    script, steps = SCRIPTS[name], model_steps_per_epoch(preset, name)
+    if preset.get("wall_time_of", {}).get(name):
+        print(f"--- {name}: epoch {epoch} (until its training time reaches "
+              f"{preset['wall_time_of'][name]}'s)", flush=True)
+    else:
+        print(f"--- {name}: epoch {epoch} of {preset['epochs']}", flush=True)
+    started = time.time()
+    run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
+    seconds = time.time() - started
+    samples = 1 if name == "glow" else preset["samples"]  # Glow's likelihood is exact
+    run_dir = os.path.join(args.out, name)
+    run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
+                        "--samples", str(samples), "--seed", "0"])
+    evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
+    before = [r["seconds"] for r in rows
+              if r["model"] == name and r["epoch"] == epoch - 1 and "seconds" in r]
+    return {"model": name, "epoch": epoch, "steps": epoch * steps,
+            "seconds_per_step": seconds / steps,
+            "seconds": (before[0] if before else 0.0) + seconds,  # training wall time so far
+            "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
+            "bits_per_dim_fitted_t_x": evaluated.get("bits_per_dim_fitted_t_x"),
+            "held_out_images": evaluated["images"],
+            "trainable_parameters": trainable_parameters(MODELS[name], run_dir)}
 
 
 def trainable_parameters(face_model, run_dir):
@@ -169,28 +221,64 @@ def plot_bits_per_dim(rows, models):
     return figure
 
 
+def cell(row):
+    """One checkpoint in a table: bits/dim, and for the VAEs the bound at the fitted t_x."""
+    if row is None:
+        return ""
+    fitted = row.get("bits_per_dim_fitted_t_x")
+    return f"{row['bits_per_dim']:.3f}" + ("" if fitted is None else f" ({fitted:.3f})")
+
+
+def tables(rows, models):
+    """compare.md: the models, their bits/dim at equal steps and at equal training wall time."""
+    by_model = {name: sorted((r for r in rows if r["model"] == name), key=lambda r: r["steps"])
+                for name in models}
+    by_model = {name: mine for name, mine in by_model.items() if mine}
+    names = list(by_model)
+    lines = ["## The models", "",
+             "| model | trainable parameters | K | s/step (median) | steps | training s | "
+             "bits/dim | at the fitted t_x |", "|---" * 8 + "|"]
+    for name, mine in by_model.items():
+        last = mine[-1]
+        fitted = last.get("bits_per_dim_fitted_t_x")
+        seconds = np.median([r["seconds_per_step"] for r in mine])
+        lines.append(f"| {name} | {last['trainable_parameters']:,} | {last['samples']} | "
+                     f"{seconds:.3f} | {last['steps']} | {last.get('seconds', float('nan')):.0f} | "
+                     f"{last['bits_per_dim']:.3f} | {'' if fitted is None else f'{fitted:.3f}'} |")
+    lines += ["", "## At equal steps", "",
+              "Held-out bits/dim after the same number of training steps (in brackets: the "
+              "bound at the decoder scale t_x fitted on training images).", "",
+              "| steps | " + " | ".join(names) + " |", "|---" * (1 + len(names)) + "|"]
+    for steps in sorted({r["steps"] for mine in by_model.values() for r in mine}):
+        found = {name: next((r for r in mine if r["steps"] == steps), None)
+                 for name, mine in by_model.items()}
+        lines.append(f"| {steps} | " + " | ".join(cell(found[n]) for n in names) + " |")
+    timed = {name: [r for r in mine if "seconds" in r] for name, mine in by_model.items()}
+    if timed.get(names[0]):
+        lines += ["", "## At equal wall time", "",
+                  f"At each of {names[0]}'s checkpoints, every model's newest checkpoint with "
+                  "no more training seconds: bits/dim (fitted t_x), steps, training seconds.",
+                  "", "| training s | " + " | ".join(names) + " |",
+                  "|---" * (1 + len(names)) + "|"]
+        for limit in (r["seconds"] for r in timed[names[0]]):
+            cells = []
+            for name in names:
+                reached = [r for r in timed[name] if r["seconds"] <= limit + 1e-9]
+                cells.append(f"{cell(reached[-1])}, {reached[-1]['steps']} steps, "
+                             f"{reached[-1]['seconds']:.0f} s" if reached else "")
+            lines.append(f"| {limit:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(out, results, preset):
-    """compare.md (the table), bits_per_dim.png (the curves) and samples.png (the pictures)."""
+    """compare.md (the tables), bits_per_dim.png (the curves) and samples.png (the pictures)."""
     rows = results["rows"]
     models = list(SCRIPTS)
     epochs = sorted({r["epoch"] for r in rows})
-    table = ["| model | trainable parameters | K | s/step | training s | "
-             + " | ".join(f"bits/dim at {e * preset['steps_per_epoch']} steps" for e in epochs)
-             + " | the last at the fitted t_x |", "|---" * (6 + len(epochs)) + "|"]
-    for name in models:
-        mine = {r["epoch"]: r for r in rows if r["model"] == name}
-        if not mine:
-            continue
-        last = mine[max(mine)]
-        seconds = np.median([r["seconds_per_step"] for r in mine.values()])
-        fitted = last.get("bits_per_dim_fitted_t_x")
-        table.append(f"| {name} | {last['trainable_parameters']:,} | {last['samples']} | "
-                     f"{seconds:.3f} | {last.get('seconds', float('nan')):.0f} | " + " | ".join(
-                         f"{mine[e]['bits_per_dim']:.3f}" if e in mine else "" for e in epochs)
-                     + f" | {'' if fitted is None else f'{fitted:.3f}'} |")
+    text = tables(rows, models)
     with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    print("\n".join(table))
+        f.write(text)
+    print(text)
 
     figure = plot_bits_per_dim(rows, models)
     figure.savefig(os.path.join(out, "bits_per_dim.png"), dpi=100)
@@ -216,8 +304,9 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=cli.DefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
-                        help="reduced: 32x32, about 90 minutes on 2 shared CPU cores; paper: the paper's "
-                             "sizes (a GPU); tiny: a smoke test")
+                        help="reduced: 32x32, 2,000 steps, about 90 minutes on 2 shared CPU cores; "
+                             "long: the reduced models, 16,000 steps, Glow for the f-VAE's "
+                             "wall time; paper: the paper's sizes (a GPU); tiny: a smoke test")
     parser.add_argument("--data-dir", default=None,
                         help="the faces (default: the shared 64x64 CelebA folder)")
     parser.add_argument("--out", default=None, help="default: runs/compare-<preset>")

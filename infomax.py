@@ -56,7 +56,8 @@ DATASETS = {
     "tiny-imagenet": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
     "folder": dict(img_size=64, batch_size=100, epochs=100, pixel_range=(-1.0, 1.0)),
 }
-PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "dim-cifar10")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+PRETRAINED = os.path.join(SHIPPED, "dim-cifar10")  # the default of load_encoder
 LOCAL_MAP_SIZE = 4          # the encoder pools down to a 4x4 local feature map ...
 LOCAL_CHANNELS = 256        # ... of 256 channels, whatever the image size
 DISCRIMINATOR_UNITS = 256
@@ -566,7 +567,10 @@ def evaluate(args):
 
 
 def encoder_run_config(folder):
-    """(config, encoder weights path) of a trained run, or a one-line UsageError."""
+    """(config, encoder weights path) of a trained run (a folder, or the name of an encoder
+    shipped in pretrained/), or a one-line UsageError."""
+    if not os.path.isdir(folder) and os.path.isdir(os.path.join(SHIPPED, folder)):
+        folder = os.path.join(SHIPPED, folder)
     if not os.path.isfile(os.path.join(folder, "encoder.weights.h5")) or not os.path.isfile(
             os.path.join(folder, "config.json")):
         raise UsageError(f"--out {folder!r}: no trained encoder there (expected config.json and "
@@ -575,9 +579,10 @@ def encoder_run_config(folder):
 
 
 def load_encoder(folder=PRETRAINED):
-    """(encoder, config) of a run folder's config.json and encoder.weights.h5; by default the
-    encoder shipped with the project (50 epochs on CIFAR-10, pretrained/dim-cifar10/). The
-    encoder maps model pixels to (mu, logvar, local map); `embed` takes uint8 images."""
+    """(encoder, config) of a run folder's config.json and encoder.weights.h5, or of an encoder
+    shipped in pretrained/ by its name; by default the author's setting trained 50 epochs on
+    CIFAR-10 (pretrained/dim-cifar10/). The encoder maps model pixels to (mu, logvar, local
+    map); `embed` takes uint8 images."""
     config, weights = encoder_run_config(folder)
     encoder = build_encoder(config.img_size, config.z_dim, local_size=config.local_size)
     encoder.load_weights(weights)

@@ -66,13 +66,48 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
             first["seconds"] + second["seconds_per_step"] * 2, rel=1e-6)
     table = (out / "compare.md").read_text()
     assert "| fvae |" in table and "| glow |" in table and "| vae |" in table
-    assert "bits/dim at 4 steps" in table and "| training s |" in table
+    assert "## At equal steps" in table and "## At equal wall time" in table
+    assert "\n| 4 | " in table  # the row of the second checkpoint
     assert iio.imread(out / "bits_per_dim.png").ndim == 3
     assert iio.imread(out / "samples.png").shape[1] == 8 * 16
     for name in ("fvae", "vae"):
         assert (out / name / "reconstruct_pairs.png").is_file()
     assert compare.main(argv) == 0  # everything done: nothing trained again
     assert len(json.load(open(out / "compare.json"))["rows"]) == 6
+
+
+def test_the_long_preset_trains_glow_for_the_f_vaes_wall_time():
+    """The models take turns; Glow, matched to the f-VAE's wall time, trains an epoch while its
+    training seconds are below the f-VAE's, and stops once it has caught up with the end."""
+    preset = dict(compare.PRESETS["long"], epochs=3)
+    seconds = {"fvae": 100.0, "vae": 250.0, "glow": 170.0}  # one epoch's training time
+    rows, order = [], []
+    for name, epoch in compare.turns(preset, rows):
+        rows.append({"model": name, "epoch": epoch, "seconds": seconds[name] * epoch,
+                     "steps": epoch * compare.model_steps_per_epoch(preset, name)})
+        order.append((name, epoch))
+    # after the f-VAE's 200 s Glow (170 s) is behind and trains; after its 300 s (Glow 340 s) not
+    assert order == [("fvae", 1), ("glow", 1), ("vae", 1), ("fvae", 2), ("glow", 2), ("vae", 2),
+                     ("fvae", 3), ("vae", 3)]
+    # Glow ends with 340 s against the f-VAE's 300: within one of its epochs, never short
+    assert [r["steps"] for r in rows if r["model"] == "glow"] == [125, 250]
+    assert [r["steps"] for r in rows if r["model"] == "fvae"] == [1000, 2000, 3000]
+    assert compare.next_epoch(compare.PRESETS["reduced"], rows, "glow") == 3  # reduced: steps
+
+
+def test_tables_at_equal_steps_and_at_equal_wall_time():
+    def row(name, steps, seconds, bpd, fitted=None):
+        return {"model": name, "epoch": 1, "steps": steps, "seconds": seconds,
+                "seconds_per_step": 0.1, "bits_per_dim": bpd, "bits_per_dim_fitted_t_x": fitted,
+                "samples": 1 if name == "glow" else 16, "trainable_parameters": 10}
+    rows = [row("fvae", 1000, 100, 8.0, 7.0), row("fvae", 2000, 200, 7.5, 6.5),
+            row("glow", 125, 150, 6.0), row("glow", 250, 300, 5.5)]
+    text = compare.tables(rows, ["fvae", "glow", "vae"])
+    assert "| steps | fvae | glow |" in text  # a model without rows has no column
+    assert "| 1000 | 8.000 (7.000) |  |" in text and "| 250 |  | 5.500 |" in text
+    # at the f-VAE's 100 s Glow has no checkpoint yet; at 200 s its one of 150 s
+    assert "| 100 | 8.000 (7.000), 1000 steps, 100 s |  |" in text
+    assert "| 200 | 7.500 (6.500), 2000 steps, 200 s | 6.000, 125 steps, 150 s |" in text
 
 
 def test_the_plot_says_which_lines_are_bounds_and_which_is_exact():
