@@ -47,7 +47,6 @@ import cli
 import f_vaes
 import face_runs
 import glow
-from feature_eval import label_strip
 from training import monitor
 from training.precision import PRECISIONS
 
@@ -294,7 +293,8 @@ def write_outputs(out, results, preset):
         samples = [face_runs.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
         grid = pictures.image_grid(np.concatenate(samples), 2, 8)
         label = f"{name}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for every model
-        blocks.append(np.concatenate([label_strip(grid.shape[1], 24, [(label, 0)]), grid]))
+        strip = pictures.label_strip(grid.shape[1], 24, [(label, 0)])
+        blocks.append(np.concatenate([strip, grid]))
     if blocks:
         pictures.write_png(os.path.join(out, "samples.png"), np.concatenate(blocks))
         monitor.log_picture(out, "samples", np.concatenate(blocks), len(epochs))

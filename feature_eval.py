@@ -13,7 +13,7 @@ import keras
 
 from training.precision import in_float32
 from common import write_json
-from pictures import neighbour_grid, write_png
+from pictures import label_strip, neighbour_grid, write_png
 from training.checkpoint import read_state
 
 
@@ -167,17 +167,6 @@ def save_neighbour_comparison(path, codes, bank_images, query_images, seed, quer
                          [("query", 0)] + list(zip(codes, offsets)))
     write_png(path, np.concatenate([header, grid]))
     return path
-
-
-def label_strip(width, cell, labels):
-    """A white strip of text labels (label, x offset in pixels) above a picture grid."""
-    from PIL import Image, ImageDraw  # imageio's own image library
-    height = max(12, cell // 2)
-    strip = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(strip)
-    for text, x in labels:
-        draw.text((x + 2, 1), text, fill="black")
-    return np.asarray(strip)
 
 
 def evaluate_encoder(run_dir, encoder, training_set, test_set, scale, probe_epochs=10, seed=0,

@@ -85,6 +85,17 @@ def write_png(path, picture, kept=None, max_bytes=None):
     return path
 
 
+def label_strip(width, cell, labels):
+    """A white strip of text labels (label, x offset in pixels) above a picture grid."""
+    from PIL import Image, ImageDraw  # imageio's own image library
+    height = max(12, cell // 2)
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for text, x in labels:
+        draw.text((x + 2, 1), text, fill="black")
+    return np.asarray(strip)
+
+
 def with_labels(picture, tile, column_labels=(), row_labels=(), font_size=11):
     """The picture with a white strip above naming its columns of `tile`-pixel tiles and one
     on the left naming its rows (no strip where no labels are given)."""
