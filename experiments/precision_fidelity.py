@@ -28,12 +28,13 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import tensorflow as tf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import tf_setup  # noqa: E402  first: TensorFlow without its start-up lines
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 STEPS_PER_LINE = 200  # the curve's points: mean losses of blocks of this many steps
 LOG_EVERY = 100
