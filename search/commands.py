@@ -54,6 +54,8 @@ def add_search_flags(parser, default_out):
                              "score (default: search_results.csv in --out)")
     parser.add_argument("--max-pictures", type=int, default=16, metavar="N",
                         help="neighbour pictures for the first N queries only")
+    parser.add_argument("--pictures", default=None, metavar="DIR",
+                        help="where the neighbour pictures go (default: --out)")
 
 
 def index_command(args, encoder_of):
@@ -81,5 +83,5 @@ def search_command(args, encoder_of, default_out):
     names, images = found.query_images(args.query)
     matches = found.search_codes(names, found.query_codes(images), args.top, args.metric,
                                  args.approximate)
-    report(found, matches, images, out, args.max_pictures, args.results)
+    report(found, matches, images, out, args.max_pictures, args.results, args.pictures)
     return matches

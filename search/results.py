@@ -53,19 +53,24 @@ def print_matches(matches):
     sys.stdout.flush()
 
 
-def report(index, matches, images, out, max_pictures=16, results=None):
+def report(index, matches, images, out, max_pictures=16, results=None, pictures=None):
     """What the search command shows of `matches` (of `index`, for the uint8 query `images`):
     printed, one picture per query for the first `max_pictures` (search_<query>_<metric>.png
-    in `out`), and the CSV or JSON at `results` (default: search_results.csv in `out`)."""
+    in `pictures`, default `out`), and the CSV or JSON at `results` (default:
+    search_results.csv in `out`)."""
     print_matches(matches)
     if matches.approximate:
         about = index.meta["approximate"]
         print(f"approximate search: recall@{about['k']} {about['recall']:.3f} against the exact "
               f"search, measured when it was built")
     size = index.meta["fingerprint"]["img_size"]
-    for name, image, files in list(zip(matches.queries, images, matches.files))[:max_pictures]:
+    drawn = list(zip(matches.queries, images, matches.files))[:max_pictures]
+    pictures = pictures or out
+    if drawn:
+        os.makedirs(pictures, exist_ok=True)
+    for name, image, files in drawn:
         stem = os.path.splitext(os.path.basename(name))[0]
-        picture = os.path.join(out, f"search_{stem}_{matches.metric}.png")
+        picture = os.path.join(pictures, f"search_{stem}_{matches.metric}.png")
         neighbour_picture(picture, image, files, size)
         print(f"picture of {name}: {picture}")
     results = results or os.path.join(out, "search_results.csv")

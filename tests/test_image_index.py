@@ -401,6 +401,12 @@ def test_search_command_prints_draws_and_writes_csv_and_json(run, tmp_path, caps
     assert [r["rank"] for r in found] == list(range(1, 10)) and found[0]["score"] == 0.0
     assert {r["metric"] for r in found} == {"euclidean"} and found[0]["file"] == own
     assert not os.path.exists(os.path.join(run, f"search_{good[0][:-4]}_euclidean.png"))
+    # --pictures: the pictures elsewhere than the run (a shipped encoder's folder stays as it is)
+    before = {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)}
+    assert run_cli("search", "--index", index, "--query", own, "--pictures",
+                   str(results / "pictures"), "--results", str(results / "again.csv")) == 0
+    assert os.path.isfile(results / "pictures" / f"search_{good[0][:-4]}_cosine.png")
+    assert {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run)} == before
 
 
 # --------------------------------------------------------------------------- approximate search
