@@ -88,7 +88,7 @@ def check_config(c):
     """Every bad value is a one-line UsageError naming its flag, before anything is built."""
     cli.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
                           "coupling_width")
-    cli.check_at_least(c, 0, "res_steps", "nan_patience")
+    cli.check_at_least(c, 0, "res_steps", "nan_patience", "held_out_images")
     cli.check_positive(c, "lr")
     if c.latent_channels < 2 or c.latent_channels % 2:
         raise UsageError(f"--latent-channels {c.latent_channels}: must be an even number >= 2 "

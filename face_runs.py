@@ -35,7 +35,7 @@ from cli import option
 from common import UsageError
 from speedups import FusedAdam
 from training import monitor
-from training.checkpoint import load_weights
+from training.checkpoint import load_weights, seed_generators
 from training.precision import wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
@@ -53,6 +53,8 @@ class FaceRunSettings(RunSettings):
     epochs: int = option(1000, "train until this epoch")
     steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
     holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
+    held_out_images: int = option(500, "after every epoch, the bound on the first N held-out "
+                                   "images goes to log.csv (held_out_bits_per_dim; 0: off)")
     seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
                        "with the run)")
 
@@ -194,6 +196,34 @@ class SampleGrids(keras.callbacks.Callback):
             monitor.log_picture(self.run_dir, f"samples_T{t}", grid, epoch + 1)
 
 
+class HeldOutBound(keras.callbacks.Callback):
+    """After every epoch: the model's loss and bits/dim on held-out images (the first
+    `images` of `files`), as `held_out_loss` and `held_out_bits_per_dim` in the epoch's logs,
+    so in log.csv, loss_curves.png and TensorBoard. One posterior draw per image (`evaluate
+    --samples K` gives the tighter bound), in the training precision and batch-norm inference
+    mode, on the same dequantisation noise every epoch; the model's random-number state is
+    put back afterwards, so the training run is the one it would have been without it."""
+
+    def __init__(self, files, img_size, batch_size, seed, images=500):
+        super().__init__()
+        files = list(files)[:images]
+        noise = np.random.RandomState(seed).uniform(size=(len(files), img_size, img_size, 3))
+        self.dataset = tf.data.Dataset.zip(  # y = (x_int + u) / 256 * 2 - 1, as `dequantise`
+            datasets.image_dataset(files, img_size, batch_size, lambda x: x),
+            tf.data.Dataset.from_tensor_slices(noise.astype("float32")).batch(batch_size)).map(
+                lambda x, u: (tf.round(x) + u) / 256.0 * 2.0 - 1.0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        states = [g.state.numpy() for g in seed_generators(self.model)]
+        results = self.model.evaluate(self.dataset, return_dict=True, verbose=0)
+        for generator, state in zip(seed_generators(self.model), states):
+            generator.state.assign(state)
+        if logs is not None:
+            logs["held_out_loss"] = float(results["loss"])
+            if "bits_per_dim" in results:
+                logs["held_out_bits_per_dim"] = float(results["bits_per_dim"])
+
+
 # =========================================================================== training
 
 def train(face_model, config, out):
@@ -221,8 +251,12 @@ def train(face_model, config, out):
             return datasets.image_stream(train_files, config.img_size, config.batch_size,
                                          scale_pixels, config.seed, start=images_seen)
 
+        held_out_bound = ([HeldOutBound(held_out, config.img_size, config.batch_size, config.seed,
+                                        config.held_out_images)]
+                          if held_out and config.held_out_images else [])
         return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
-                       monitors=[make(run.dir, config) for make in face_model.monitors],
+                       monitors=[*held_out_bound,
+                                 *(make(run.dir, config) for make in face_model.monitors)],
                        callbacks=[SampleGrids(run.dir, seed=config.seed,
                                               temperatures=face_model.temperatures)])
 

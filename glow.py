@@ -60,7 +60,7 @@ class Config(FaceRunSettings):
 def check_config(c):
     cli.check_at_least(c, 1, "batch_size", "epochs", "steps_per_epoch", "depth", "level",
                           "coupling_width")
-    cli.check_at_least(c, 0, "nan_patience")
+    cli.check_at_least(c, 0, "nan_patience", "held_out_images")
     cli.check_positive(c, "lr", "collapse_lr")
     multiple = 2 ** c.level
     if c.img_size < multiple or c.img_size % multiple:

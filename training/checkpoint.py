@@ -466,15 +466,23 @@ class RunCheckpoint(keras.callbacks.Callback):
                 raise
 
     def _append_csv(self, epoch, logs, kept=None):
+        """log.csv's line of `epoch`. The columns are the first epoch's; numbers that a later
+        epoch adds (a monitor a resumed run gained) become new columns, empty before."""
+        numbers = sorted(k for k in logs if np.ndim(logs[k]) == 0)
         new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
-        if new:
-            keys = sorted(k for k in logs if np.ndim(logs[k]) == 0)
-        else:  # keep the columns of the first epoch
+        before = []
+        if not new:
             with open(self.csv_path, newline="") as f:
-                keys = next(csv.reader(f))[1:]
+                before = list(csv.reader(f))
+        keys = numbers if new else before[0][1:]
+        added = [k for k in numbers if k not in keys]
+        line = [epoch] + [f"{float(logs[k]):.6g}" if k in logs else "" for k in keys + added]
+        if added and not new:  # the whole file again, with the wider header, or nothing
+            widened = [before[0] + added] + [row + [""] * len(added) for row in before[1:]]
+            write_text(self.csv_path, csv_text(widened + [line]), kept)
+            return
         rows = [["epoch"] + keys] if new else []
-        rows.append([epoch] + [f"{float(logs[k]):.6g}" if k in logs else "" for k in keys])
-        append_text(self.csv_path, csv_text(rows), kept)  # the whole line or nothing
+        append_text(self.csv_path, csv_text(rows + [line]), kept)  # the whole line or nothing
 
 
 def csv_text(rows):
