@@ -98,8 +98,9 @@ def held_out_bits(folder, weights):
 
 
 def learning_curve(run, held_out, switch_step):
-    """A plot (uint8 picture) of the training bits/dim per epoch of `run` against steps,
-    held-out {step: bits/dim} as points and a dashed line at the step where the precision
+    """A plot (uint8 picture) of the training bits/dim per epoch of `run` against steps, the
+    held-out bound of the epochs whose log.csv line has it, held-out {step: bits/dim} of
+    `evaluate` as points and a dashed line at the step where the precision
     changed (None: no line)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -113,6 +114,11 @@ def learning_curve(run, held_out, switch_step):
     figure, axis = pyplot.subplots(figsize=(6, 3.5), dpi=100)
     axis.plot(steps, [float(r["bits_per_dim"]) for r in rows], marker="." if len(rows) < 30 else None,
               label="training loss (mean of each epoch)")
+    logged = [(step, float(r["held_out_bits_per_dim"])) for step, r in zip(steps, rows)
+              if r.get("held_out_bits_per_dim")]
+    if logged:
+        axis.plot(*zip(*logged), marker=".", color="C2",
+                  label="held-out bound after each epoch (log.csv, one draw)")
     if held_out:
         axis.plot(sorted(held_out), [held_out[s] for s in sorted(held_out)], "s", color="C3",
                   label="held-out bound (evaluate, dequantised)")
