@@ -84,6 +84,7 @@ def train_argv(preset, name, args):
             "--steps-per-epoch", str(model_steps_per_epoch(preset, name)),
             "--holdout", str(args.holdout),
             "--seed", str(args.seed), "--data-dir", args.data_dir,
+            "--held-out-images", "0",  # scored by `evaluate` after each epoch, outside its time
             "--precision", args.precision, "--out", os.path.join(args.out, name)]
 
 

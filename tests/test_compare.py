@@ -72,6 +72,8 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
     assert iio.imread(out / "samples.png").shape[1] == 8 * 16
     for name in ("fvae", "vae"):
         assert (out / name / "reconstruct_pairs.png").is_file()
+    for name in ("fvae", "glow", "vae"):  # scored by evaluate, not inside the training time
+        assert "held_out" not in (out / name / "log.csv").read_text().splitlines()[0]
     assert compare.main(argv) == 0  # everything done: nothing trained again
     assert len(json.load(open(out / "compare.json"))["rows"]) == 6
 
