@@ -251,6 +251,9 @@ def train(face_model, config, out):
             return datasets.image_stream(train_files, config.img_size, config.batch_size,
                                          scale_pixels, config.seed, start=images_seen)
 
+        if config.held_out_images:  # readable ones only: an unreadable file is skipped
+            held_out, _ = image_files.find_readable_images(held_out[:config.held_out_images],
+                                                           config.img_size, verbose=False)
         held_out_bound = ([HeldOutBound(held_out, config.img_size, config.batch_size, config.seed,
                                         config.held_out_images)]
                           if held_out and config.held_out_images else [])

@@ -482,7 +482,8 @@ def test_training_run_writes_its_outputs(tiny_run):
         assert (run / name).exists(), name
     assert iio.imread(run / "samples_T1.0_latest.png").shape == (9 * 16, 9 * 16, 3)
     (row,) = read_log(run)
-    assert set(row) == {"epoch", *FVAE.LOG_NAMES, "skipped_steps", "learning_rate"}
+    assert set(row) == {"epoch", *FVAE.LOG_NAMES, "skipped_steps", "learning_rate",
+                        "held_out_loss", "held_out_bits_per_dim"}
     assert row["epoch"] == "1" and row["skipped_steps"] == "0"
     assert json.loads((run / "config.json").read_text())["holdout"] == 2
 

@@ -82,3 +82,12 @@ def test_the_bound_leaves_training_as_it_was_and_a_resumed_run_gains_its_columns
     assert [r["held_out_bits_per_dim"] for r in rows[:2]] == ["", ""]
     assert np.isfinite(float(rows[2]["held_out_bits_per_dim"])) and rows[2]["loss"]
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in log_rows(beside)]
+
+
+def test_an_unreadable_held_out_file_is_left_out_of_the_bound(tmp_path):
+    pictures = write_pictures(str(tmp_path / "pictures"), n=16)
+    with open(os.path.join(pictures, "zz_broken.png"), "wb") as f:  # sorted last: held out
+        f.write(b"not a picture")
+    run = str(tmp_path / "run")
+    assert f_vaes.main([*TINY_FVAE, "--epochs", "1", "--data-dir", pictures, "--out", run]) == 0
+    assert np.isfinite(float(log_rows(run)[0]["held_out_bits_per_dim"]))
