@@ -9,20 +9,20 @@ same faces with the same batch size and steps, compared at the same checkpoints.
 
 Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
 the same command continues all three). The models take turns, an epoch each. In the long
-preset Glow, whose step costs about 9 of the f-VAE's, has epochs of 125 steps and trains
-while its training wall time is below the f-VAE's, so that it ends with the f-VAE's wall
-time (to within one of its epochs) rather than its steps. After every epoch each is
-evaluated on the same held-out images (bits/dim in the f-VAE's convention; the VAEs with
-the importance-weighted bound of K posterior samples, Glow exactly) and the results go to
-compare.json, compare.md (each model's trainable parameters, K, seconds per step, steps,
-training seconds and last bits/dim; then bits/dim at equal steps and at equal training wall
-time, for the VAEs also the bound at the decoder scale fitted on training images),
-bits_per_dim.png (bits/dim against steps and against training wall time; solid lines the
-f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained, or Glow's
-exact value, dashed the bounds at the fitted scale; the legend says which is which) and
-samples.png (a block per model, samples at T = 0.8 and 1.0 from the same noise). The two
-VAEs' reconstructions of held-out faces are written into their run folders (real faces
-never leave them).
+preset Glow, whose step costs about 9 of the f-VAE's, has epochs of 125 steps and takes its
+turn only while its training wall time is below the f-VAE's, so that it ends with the
+f-VAE's wall time (at most one of its epochs past it) rather than its steps. After every
+epoch each is evaluated on the same held-out images (bits/dim in the f-VAE's convention;
+the VAEs with the importance-weighted bound of K posterior samples, Glow exactly) and the
+results go to compare.json, compare.md (each model's trainable parameters, K, seconds per
+step, steps, training seconds and last bits/dim; then bits/dim at equal steps and at equal
+training wall time, for the VAEs also the bound at the decoder scale fitted on training
+images), bits_per_dim.png (bits/dim against steps and against training wall time; solid
+lines the f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained,
+or Glow's exact value, dashed the bounds at the fitted scale; the legend says which is
+which) and samples.png (a block per model, samples at T = 0.8 and 1.0 from the same noise).
+The two VAEs' reconstructions of held-out faces are written into their run folders (real
+faces never leave them).
 
 Sizes (trainable parameters, each preset matched within 15 % of its f-VAE; counted here and
 in tests/test_compare.py): the paper preset's f-VAE is the paper's (95,830,082); its Glow is
@@ -132,8 +132,11 @@ def compare(args):
     results_path = os.path.join(args.out, "compare.json")
     results = common.read_json(results_path) if os.path.exists(results_path) else {
         "preset": args.preset, "rows": []}
+    if results.get("preset") != args.preset:
+        raise common.UsageError(f"--out {args.out!r} holds a comparison of preset "
+                                f"{results.get('preset')!r}, not {args.preset!r}: give another --out")
     for name, epoch in turns(preset, results["rows"]):
-        results["rows"].append(train_and_score(preset, name, epoch, args, results["rows"]))
+        results["rows"].append(train_and_score(preset, name, epoch, args, results, results_path))
         common.write_json(results_path, results)
     write_outputs(args.out, results, preset)
     for name in ("fvae", "vae"):
@@ -142,25 +145,35 @@ def compare(args):
     return results
 
 
-def train_and_score(preset, name, epoch, args, rows):
+def train_and_score(preset, name, epoch, args, results, results_path):
     """Train model `name` to the end of `epoch` (resuming its run) and score it on the
-    held-out faces; its row of compare.json. Training seconds include each epoch's start-up
-    (building the model, reading the saved run), the same for every model."""
+    held-out faces; its row of compare.json. The training seconds include the epoch's
+    start-up (building the model, reading the saved run), which each model pays once per
+    epoch. They are kept in compare.json as they accrue, so that an interrupted epoch's
+    time counts when it is resumed, and a trained but unscored epoch is not trained again."""
     script, steps = SCRIPTS[name], model_steps_per_epoch(preset, name)
-    if preset.get("wall_time_of", {}).get(name):
-        print(f"--- {name}: epoch {epoch} (until its training time reaches "
-              f"{preset['wall_time_of'][name]}'s)", flush=True)
-    else:
-        print(f"--- {name}: epoch {epoch} of {preset['epochs']}", flush=True)
-    started = time.time()
-    run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
-    seconds = time.time() - started
+    key, timing = f"{name}:{epoch}", results.setdefault("training_seconds", {})
+    if key not in results.setdefault("trained", []):
+        if preset.get("wall_time_of", {}).get(name):
+            print(f"--- {name}: epoch {epoch} (while its training time is below "
+                  f"{preset['wall_time_of'][name]}'s)", flush=True)
+        else:
+            print(f"--- {name}: epoch {epoch} of {preset['epochs']}", flush=True)
+        started = time.time()
+        try:
+            run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
+        finally:
+            timing[key] = timing.get(key, 0.0) + time.time() - started
+            common.write_json(results_path, results)
+        results["trained"].append(key)
+        common.write_json(results_path, results)
+    seconds = timing[key]
     samples = 1 if name == "glow" else preset["samples"]  # Glow's likelihood is exact
     run_dir = os.path.join(args.out, name)
     run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
                         "--samples", str(samples), "--seed", "0"])
     evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
-    before = [r["seconds"] for r in rows
+    before = [r["seconds"] for r in results["rows"]
               if r["model"] == name and r["epoch"] == epoch - 1 and "seconds" in r]
     return {"model": name, "epoch": epoch, "steps": epoch * steps,
             "seconds_per_step": seconds / steps,
@@ -256,17 +269,19 @@ def tables(rows, models):
     timed = {name: [r for r in mine if "seconds" in r] for name, mine in by_model.items()}
     if timed.get(names[0]):
         lines += ["", "## At equal wall time", "",
-                  f"At each of {names[0]}'s checkpoints, every model's newest checkpoint with "
-                  "no more training seconds: bits/dim (fitted t_x), steps, training seconds.",
+                  f"At each of {names[0]}'s checkpoints, every model's checkpoint nearest to it "
+                  "in training seconds (the earlier of two as near): bits/dim (fitted t_x), "
+                  "steps, training seconds.",
                   "", "| training s | " + " | ".join(names) + " |",
                   "|---" * (1 + len(names)) + "|"]
-        for limit in (r["seconds"] for r in timed[names[0]]):
+        for moment in (r["seconds"] for r in timed[names[0]]):
             cells = []
             for name in names:
-                reached = [r for r in timed[name] if r["seconds"] <= limit + 1e-9]
-                cells.append(f"{cell(reached[-1])}, {reached[-1]['steps']} steps, "
-                             f"{reached[-1]['seconds']:.0f} s" if reached else "")
-            lines.append(f"| {limit:.0f} | " + " | ".join(cells) + " |")
+                near = min(timed[name], key=lambda r: (abs(r["seconds"] - moment), r["seconds"]),
+                           default=None)
+                cells.append(f"{cell(near)}, {near['steps']} steps, {near['seconds']:.0f} s"
+                             if near else "")
+            lines.append(f"| {moment:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

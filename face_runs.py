@@ -35,7 +35,7 @@ from cli import option
 from common import UsageError
 from speedups import FusedAdam
 from training import monitor
-from training.checkpoint import load_weights, seed_generators
+from training.checkpoint import first_line, load_weights, seed_generators
 from training.precision import wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
@@ -54,7 +54,8 @@ class FaceRunSettings(RunSettings):
     steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
     holdout: int = option(-1, "hold out the last N files (sorted) for evaluate; -1: 5%% of them")
     held_out_images: int = option(500, "after every epoch, the bound on the first N held-out "
-                                   "images goes to log.csv (held_out_bits_per_dim; 0: off)")
+                                   "files (readable ones) goes to log.csv "
+                                   "(held_out_bits_per_dim; 0: off)")
     seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
                        "with the run)")
 
@@ -215,9 +216,15 @@ class HeldOutBound(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         states = [g.state.numpy() for g in seed_generators(self.model)]
-        results = self.model.evaluate(self.dataset, return_dict=True, verbose=0)
-        for generator, state in zip(seed_generators(self.model), states):
-            generator.state.assign(state)
+        try:
+            results = self.model.evaluate(self.dataset, return_dict=True, verbose=0)
+        except (tf.errors.OpError, OSError) as e:  # a file gone, memory: the epoch is saved anyway
+            print(f"held-out bound of epoch {epoch + 1} skipped: {first_line(e)}",
+                  file=sys.stderr, flush=True)
+            return
+        finally:
+            for generator, state in zip(seed_generators(self.model), states):
+                generator.state.assign(state)
         if logs is not None:
             logs["held_out_loss"] = float(results["loss"])
             if "bits_per_dim" in results:

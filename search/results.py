@@ -74,4 +74,5 @@ def report(index, matches, images, out, max_pictures=16, results=None, pictures=
         neighbour_picture(picture, image, files, size)
         print(f"picture of {name}: {picture}")
     results = results or os.path.join(out, "search_results.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
     print(f"results: {write_matches(results, [matches])}")

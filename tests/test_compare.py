@@ -14,6 +14,7 @@ import imageio.v3 as iio
 from conftest import ROOT
 from test_same_weights import write_pictures
 import cli
+import common
 import compare
 import face_runs
 from training.monitor import count_parameters
@@ -103,13 +104,55 @@ def test_tables_at_equal_steps_and_at_equal_wall_time():
                 "seconds_per_step": 0.1, "bits_per_dim": bpd, "bits_per_dim_fitted_t_x": fitted,
                 "samples": 1 if name == "glow" else 16, "trainable_parameters": 10}
     rows = [row("fvae", 1000, 100, 8.0, 7.0), row("fvae", 2000, 200, 7.5, 6.5),
-            row("glow", 125, 150, 6.0), row("glow", 250, 300, 5.5)]
+            row("glow", 125, 150, 6.0), row("glow", 250, 210, 5.5)]
     text = compare.tables(rows, ["fvae", "glow", "vae"])
     assert "| steps | fvae | glow |" in text  # a model without rows has no column
     assert "| 1000 | 8.000 (7.000) |  |" in text and "| 250 |  | 5.500 |" in text
-    # at the f-VAE's 100 s Glow has no checkpoint yet; at 200 s its one of 150 s
-    assert "| 100 | 8.000 (7.000), 1000 steps, 100 s |  |" in text
-    assert "| 200 | 7.500 (6.500), 2000 steps, 200 s | 6.000, 125 steps, 150 s |" in text
+    # at the f-VAE's 100 s Glow's nearest checkpoint is its first (150 s); at 200 s the one of
+    # 210 s, nearer than 150 s though later
+    assert "| 100 | 8.000 (7.000), 1000 steps, 100 s | 6.000, 125 steps, 150 s |" in text
+    assert "| 200 | 7.500 (6.500), 2000 steps, 200 s | 5.500, 250 steps, 210 s |" in text
+
+
+def test_an_interrupted_epoch_keeps_its_training_time_and_a_trained_one_is_not_trained_again(
+        tmp_path, monkeypatch):
+    """The clock moves only while a model trains; the f-VAE's first epoch is interrupted
+    after 30 s and resumed for 20 s more, then its scoring fails once: 50 s, trained once more."""
+    clock, trained, failures = [0.0], [], {"train": 1, "evaluate": 1}
+
+    def fake_run(script, argv):
+        if argv[0] in ("evaluate", "reconstruct"):
+            if argv[0] == "evaluate" and failures["evaluate"]:
+                failures["evaluate"] -= 1
+                raise RuntimeError("evaluate failed")
+            run_dir = argv[argv.index("--out") + 1]
+            os.makedirs(run_dir, exist_ok=True)
+            common.write_json(os.path.join(run_dir, "evaluate.json"),
+                              {"bits_per_dim": 8.0, "images": 4})
+            return
+        name = os.path.basename(argv[argv.index("--out") + 1])
+        trained.append(name)
+        clock[0] += 30.0 if failures["train"] else 20.0
+        if failures["train"]:
+            failures["train"] -= 1
+            raise common.TrainingStopped("SIGINT: saved after step 1")
+
+    monkeypatch.setattr(compare, "run_script", fake_run)
+    monkeypatch.setattr(compare.time, "time", lambda: clock[0])
+    monkeypatch.setattr(compare, "trainable_parameters", lambda model, run_dir: 10)
+    monkeypatch.setattr(compare, "write_outputs", lambda *a: None)
+    monkeypatch.setitem(compare.PRESETS, "tiny", dict(compare.PRESETS["tiny"], epochs=1))
+    argv = ["--preset", "tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")]
+    with pytest.raises(common.TrainingStopped):
+        compare.compare(compare.parse_args(argv))
+    with pytest.raises(RuntimeError, match="evaluate failed"):
+        compare.compare(compare.parse_args(argv))
+    results = compare.compare(compare.parse_args(argv))
+    assert trained == ["fvae", "fvae", "glow", "vae"]  # not a third time after the failed scoring
+    fvae, = [r for r in results["rows"] if r["model"] == "fvae"]
+    assert fvae["seconds"] == 50.0
+    with pytest.raises(common.UsageError, match="preset 'tiny', not 'reduced'"):
+        compare.compare(compare.parse_args(["--preset", "reduced", *argv[2:]]))
 
 
 def test_the_plot_says_which_lines_are_bounds_and_which_is_exact():

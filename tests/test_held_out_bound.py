@@ -91,3 +91,30 @@ def test_an_unreadable_held_out_file_is_left_out_of_the_bound(tmp_path):
     run = str(tmp_path / "run")
     assert f_vaes.main([*TINY_FVAE, "--epochs", "1", "--data-dir", pictures, "--out", run]) == 0
     assert np.isfinite(float(log_rows(run)[0]["held_out_bits_per_dim"]))
+
+
+def test_a_failing_evaluation_skips_the_bound_and_keeps_the_random_state(tmp_path, capsys):
+    """A held-out file gone by the epoch's end: one line, no bound, the epoch goes on to its
+    save, and the random-number state is the one before."""
+    import keras
+    import tensorflow as tf
+    from training.checkpoint import seed_generators
+
+    class Drawing(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.noise = keras.random.SeedGenerator(7)
+
+        def evaluate(self, *args, **kwargs):
+            keras.random.normal((2,), seed=self.noise)  # draws, then fails
+            raise tf.errors.NotFoundError(None, None, "held-out/0001.png; No such file")
+
+    model = Drawing()
+    bound = face_runs.HeldOutBound([str(tmp_path / "0001.png")], 16, 4, seed=0)
+    bound.set_model(model)
+    before = seed_generators(model)[0].state.numpy().copy()
+    logs = {"loss": 1.0}
+    bound.on_epoch_end(0, logs)
+    assert logs == {"loss": 1.0}
+    np.testing.assert_array_equal(seed_generators(model)[0].state.numpy(), before)
+    assert "held-out bound of epoch 1 skipped: NotFoundError" in capsys.readouterr().err

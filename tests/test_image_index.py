@@ -396,8 +396,8 @@ def test_search_command_prints_draws_and_writes_csv_and_json(run, tmp_path, caps
     assert iio.imread(os.path.join(run, "search_q1_cosine.png")).shape == (12, 12 + 6 + 3 * 8, 3)
 
     assert run_cli("search", "--index", index, "--query", own, "--metric", "euclidean",
-                   "--results", str(results / "found.json"), "--max-pictures", "0") == 0
-    found = json.load(open(results / "found.json"))
+                   "--results", str(results / "new" / "found.json"), "--max-pictures", "0") == 0
+    found = json.load(open(results / "new" / "found.json"))  # its folder made
     assert [r["rank"] for r in found] == list(range(1, 10)) and found[0]["score"] == 0.0
     assert {r["metric"] for r in found} == {"euclidean"} and found[0]["file"] == own
     assert not os.path.exists(os.path.join(run, f"search_{good[0][:-4]}_euclidean.png"))
