@@ -162,11 +162,10 @@ def train_and_score(preset, name, epoch, args, results, results_path):
         started = time.time()
         try:
             run_script(script, [*train_argv(preset, name, args), "--epochs", str(epoch)])
+            results["trained"].append(key)
         finally:
             timing[key] = timing.get(key, 0.0) + time.time() - started
             common.write_json(results_path, results)
-        results["trained"].append(key)
-        common.write_json(results_path, results)
     seconds = timing[key]
     samples = 1 if name == "glow" else preset["samples"]  # Glow's likelihood is exact
     run_dir = os.path.join(args.out, name)
@@ -267,7 +266,7 @@ def tables(rows, models):
                  for name, mine in by_model.items()}
         lines.append(f"| {steps} | " + " | ".join(cell(found[n]) for n in names) + " |")
     timed = {name: [r for r in mine if "seconds" in r] for name, mine in by_model.items()}
-    if timed.get(names[0]):
+    if names and timed[names[0]]:
         lines += ["", "## At equal wall time", "",
                   f"At each of {names[0]}'s checkpoints, every model's checkpoint nearest to it "
                   "in training seconds (the earlier of two as near): bits/dim (fitted t_x), "

@@ -112,10 +112,12 @@ def scale_pixels(x):
     return x / 255.0 * 2.0 - 1.0
 
 
-def dequantise(x):
-    """[0, 255] -> [-1, 1] as `(x_int + U(0, 1)) / 256 * 2 - 1`, used for bits/dim."""
+def dequantise(x, noise=None):
+    """[0, 255] -> [-1, 1] as `(x_int + U(0, 1)) / 256 * 2 - 1`, used for bits/dim (`noise`:
+    given values of U(0, 1), else drawn)."""
     x_int = tf.round(x)
-    return (x_int + tf.random.uniform(tf.shape(x), dtype=x.dtype)) / 256.0 * 2.0 - 1.0
+    noise = tf.random.uniform(tf.shape(x), dtype=x.dtype) if noise is None else noise
+    return (x_int + noise) / 256.0 * 2.0 - 1.0
 
 
 def bits_per_dim(nll_nats, dims):
@@ -198,21 +200,19 @@ class SampleGrids(keras.callbacks.Callback):
 
 
 class HeldOutBound(keras.callbacks.Callback):
-    """After every epoch: the model's loss and bits/dim on held-out images (the first
-    `images` of `files`), as `held_out_loss` and `held_out_bits_per_dim` in the epoch's logs,
+    """After every epoch: the model's loss and bits/dim on the held-out image `files`, as `held_out_loss` and `held_out_bits_per_dim` in the epoch's logs,
     so in log.csv, loss_curves.png and TensorBoard. One posterior draw per image (`evaluate
     --samples K` gives the tighter bound), in the training precision and batch-norm inference
     mode, on the same dequantisation noise every epoch; the model's random-number state is
     put back afterwards, so the training run is the one it would have been without it."""
 
-    def __init__(self, files, img_size, batch_size, seed, images=500):
+    def __init__(self, files, img_size, batch_size, seed):
         super().__init__()
-        files = list(files)[:images]
         noise = np.random.RandomState(seed).uniform(size=(len(files), img_size, img_size, 3))
-        self.dataset = tf.data.Dataset.zip(  # y = (x_int + u) / 256 * 2 - 1, as `dequantise`
+        self.dataset = tf.data.Dataset.zip(
             datasets.image_dataset(files, img_size, batch_size, lambda x: x),
             tf.data.Dataset.from_tensor_slices(noise.astype("float32")).batch(batch_size)).map(
-                lambda x, u: (tf.round(x) + u) / 256.0 * 2.0 - 1.0)
+                dequantise)
 
     def on_epoch_end(self, epoch, logs=None):
         states = [g.state.numpy() for g in seed_generators(self.model)]
@@ -258,12 +258,10 @@ def train(face_model, config, out):
             return datasets.image_stream(train_files, config.img_size, config.batch_size,
                                          scale_pixels, config.seed, start=images_seen)
 
-        if config.held_out_images:  # readable ones only: an unreadable file is skipped
-            held_out, _ = image_files.find_readable_images(held_out[:config.held_out_images],
-                                                           config.img_size, verbose=False)
-        held_out_bound = ([HeldOutBound(held_out, config.img_size, config.batch_size, config.seed,
-                                        config.held_out_images)]
-                          if held_out and config.held_out_images else [])
+        scored, _ = image_files.find_readable_images(  # an unreadable file is left out
+            held_out[:config.held_out_images], config.img_size, verbose=False)
+        held_out_bound = ([HeldOutBound(scored, config.img_size, config.batch_size, config.seed)]
+                          if scored else [])
         return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
                        monitors=[*held_out_bound,
                                  *(make(run.dir, config) for make in face_model.monitors)],
