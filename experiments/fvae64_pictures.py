@@ -21,6 +21,9 @@ temperature and interpolation pictures. In --out-dir:
                                the held-out bits/dim of each checkpoint with an evaluate.json
                                newer than its weights, and the step where the run changed
                                precision (--precision-switch-step)
+    fvae64_epochs.md           a table, one line per epoch of log.csv: the epoch's mean loss
+                               (nats per image) and bits/dim, the held-out bound logged after
+                               it, and `evaluate`'s bound of a checkpoint at that step
 
 A picture whose PNG would take more than --max-kb (300 kB) is stored in 256 colours (median
 cut: about 38 dB PSNR on 9x9 grids of these samples); the script says which.
@@ -140,6 +143,30 @@ def learning_curve(run, held_out, switch_step):
     return picture
 
 
+def epoch_table(run, held_out, command):
+    """Markdown: one line per epoch of the run's log.csv (its mean training loss in nats per
+    image and in bits/dim, the held-out bound logged after it) and the held-out {step:
+    bits/dim} of `evaluate` at the epoch's last step, under a line saying how it was made."""
+    with open(os.path.join(run, "config.json")) as f:
+        per_epoch = json.load(f)["steps_per_epoch"]
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [f"Written by `{command}` on {time.strftime('%Y-%m-%d')} from the run's log.csv.",
+             "",
+             "| epoch | step | training loss, epoch mean (nats per image) | training bits/dim | "
+             "held-out bits/dim after the epoch (log.csv, one draw) | held-out bits/dim "
+             "(`evaluate`) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        step = int(row["epoch"]) * per_epoch
+        logged = row.get("held_out_bits_per_dim")
+        lines.append(f"| {row['epoch']} | {step:,} | {float(row['loss']):,.0f} | "
+                     f"{float(row['bits_per_dim']):.3f} | "
+                     f"{f'{float(logged):.3f}' if logged else ''} | "
+                     f"{f'{held_out[step]:.3f}' if step in held_out else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -200,6 +227,10 @@ def main(argv=None):
                                               rows[0][1].shape[0],
                                               row_labels=[f"step {step}" for step, _ in rows]))
     write("learning_curve", learning_curve(args.run, held_out, args.precision_switch_step))
+    table = os.path.join(args.out_dir, f"{args.prefix}_epochs.md")
+    with open(table, "w") as f:
+        f.write(epoch_table(args.run, held_out, "python experiments/fvae64_pictures.py"))
+    print(table)
     if held_out:
         print("held-out bits/dim: " + ", ".join(f"{bits:.4f} at step {step}"
                                                  for step, bits in sorted(held_out.items())))

@@ -1,6 +1,7 @@
 """experiments/fvae64_pictures.py end to end on a tiny f-VAE run: two checkpoint copies, all
-five pictures at the sizes their layouts give."""
+five pictures at the sizes their layouts give, and the table of every epoch."""
 
+import csv
 import importlib.util
 import os
 import shutil
@@ -46,7 +47,14 @@ def test_pictures_of_a_run_and_its_checkpoints(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pictures of step 8, checkpoint rows of steps 4, 8" in printed
     assert "held-out bits/dim: 7.5000 at step 4" in printed
-    shapes = {p.name: iio.imread(p).shape for p in out.iterdir()}
+    table = (out / "fvae64_epochs.md").read_text().splitlines()
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert [line.split(" | ")[:4] for line in table[4:]] == [  # epoch, step, loss, bits/dim
+        [f"| {e + 1}", str(4 * (e + 1)), f"{float(r['loss']):,.0f}", f"{float(r['bits_per_dim']):.3f}"]
+        for e, r in enumerate(logged)]
+    assert table[4].endswith("| 7.500 |") and table[5].endswith("|  |")  # evaluate at step 4 only
+    shapes = {p.name: iio.imread(p).shape for p in out.iterdir() if p.suffix == ".png"}
     assert sorted(shapes) == ["fvae64_checkpoints.png", "fvae64_interpolate_2.png",
                               "fvae64_interpolate_4.png", "fvae64_learning_curve.png",
                               "fvae64_temperatures.png"]
