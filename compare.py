@@ -34,12 +34,14 @@ width 512 (9,417,660); VAE 11 residual steps (8,707,874).
 """
 
 import dataclasses
+import gc
 import os
 import sys
 import time
 
 import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
 import numpy as np
+import keras
 
 import common
 import pictures
@@ -89,7 +91,14 @@ def train_argv(preset, name, args):
 
 
 def run_script(script, argv):
-    code = script.main(argv)
+    """One command of a model's script, in this process; its models are dropped afterwards
+    (each command builds its own and reads its run from disk), so that a long comparison's
+    many commands do not accumulate them."""
+    try:
+        code = script.main(argv)
+    finally:
+        keras.backend.clear_session()
+        gc.collect()
     if code:
         raise common.TrainingStopped(f"{script.__name__}.py {' '.join(argv)} exited with {code}")
 
@@ -180,14 +189,20 @@ def train_and_score(preset, name, epoch, args, results, results_path):
             "bits_per_dim": evaluated["bits_per_dim"], "samples": samples,
             "bits_per_dim_fitted_t_x": evaluated.get("bits_per_dim_fitted_t_x"),
             "held_out_images": evaluated["images"],
-            "trainable_parameters": trainable_parameters(MODELS[name], run_dir)}
+            "trainable_parameters": next(
+                (r["trainable_parameters"] for r in results["rows"] if r["model"] == name), None)
+            or trainable_parameters(MODELS[name], run_dir)}
 
 
 def trainable_parameters(face_model, run_dir):
+    """Counted on a model built from the run's config.json (once per model: later rows copy it)."""
     config = cli.config_from_json(face_model.config_class, common.read_json(
         os.path.join(run_dir, "config.json")))
     config = dataclasses.replace(config, jit_compile=False)
-    return monitor.count_parameters(face_model.build(config).trainable_weights)
+    count = monitor.count_parameters(face_model.build(config).trainable_weights)
+    keras.backend.clear_session()
+    gc.collect()
+    return count
 
 
 NAMES = {"fvae": "f-VAE", "glow": "Glow", "vae": "VAE"}
@@ -226,8 +241,8 @@ def plot_bits_per_dim(rows, models):
         axis.set_xlabel(label)
     axes[0].set_ylabel("held-out bits/dim")
     figure.suptitle("bound: the importance-weighted bound with K posterior draws, in expectation "
-                    "at or above the model's exact bits/dim; exact: Glow's likelihood, no bound",
-                    fontsize=8)
+                    "at or above the model's exact bits/dim; exact: Glow's likelihood of the "
+                    "dequantised images", fontsize=8)
     axes[1].legend(fontsize=7)
     figure.tight_layout()
     return figure

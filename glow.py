@@ -37,7 +37,7 @@ from common import UsageError
 from face_runs import LOG_2PI, FaceRunSettings, bits_per_dim, scale_pixels
 from layers import MultiScaleFlow
 from training import distribute, guards
-from training.checkpoint import load_weights
+from training.checkpoint import load_weights, weights_attrs
 from training.monitor import count_parameters
 from training.precision import full_precision, networks
 
@@ -144,12 +144,19 @@ class CollapseRule(keras.callbacks.Callback):
     """The author's rule: after epoch 10, an epoch whose loss turns positive (the loss is
     negative once Glow has learnt) and is not the lowest so far means the model collapsed:
     reload the best weights (before this epoch's save, so that the save holds them) and
-    set the learning rate to `lr` (1e-5)."""
+    set the learning rate to `lr` (1e-5). A resumed run starts from the lowest loss of its
+    earlier epochs, which best.weights.h5 records."""
 
     def __init__(self, run_dir, lr=1e-5, after_epoch=10):
         super().__init__()
         self.best = os.path.join(run_dir, "best.weights.h5")
         self.lr, self.after_epoch, self.lowest = lr, after_epoch, None
+
+    def on_train_begin(self, logs=None):
+        if self.lowest is None and os.path.exists(self.best):
+            recorded = weights_attrs(self.best).get("best")
+            if recorded not in (None, ""):
+                self.lowest = float(recorded)
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")

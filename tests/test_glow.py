@@ -17,6 +17,7 @@ from test_f_vaes import randomise
 from test_same_weights import write_pictures
 import glow
 from layers import MultiScaleFlow
+from training.checkpoint import atomic_save_weights
 from training.monitor import count_parameters
 
 
@@ -116,6 +117,19 @@ def test_collapse_rule_reloads_the_best_weights_with_a_lower_rate(tmp_path):
     np.testing.assert_allclose(float(model.optimizer.learning_rate.numpy()), 1e-5)
     for weight, saved in zip(model.trainable_weights, best):
         np.testing.assert_array_equal(weight.numpy(), saved)
+
+
+def test_collapse_rule_remembers_the_lowest_loss_of_a_resumed_run(tmp_path):
+    """A run resumed after its best epoch: the first epoch after the resume, positive and not
+    the lowest, is a collapse, not the new lowest."""
+    model = glow.build_model(glow.Config(img_size=8, level=2, depth=1, coupling_width=8, seed=0))
+    atomic_save_weights(model, str(tmp_path / "best.weights.h5"), best=-6.0)
+    rule = glow.CollapseRule(str(tmp_path), lr=1e-5)
+    rule.set_model(model)
+    rule.on_train_begin()
+    logs = {"loss": 3.0}
+    rule.on_epoch_end(11, logs)
+    assert logs["collapsed"] == 1.0
 
 
 def test_paper_configuration_parameter_count():
