@@ -6,6 +6,7 @@ same faces with the same batch size and steps, compared at the same checkpoints.
     python compare.py --preset long         # the reduced models, 16,000 steps of the f-VAE
                                             # and the VAE, Glow for the f-VAE's wall time
     python compare.py --preset paper        # the paper's sizes, for a GPU
+    python compare.py --preset long --report    # the outputs of what is trained so far
 
 Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
 the same command continues all three). The models take turns, an epoch each. In the long
@@ -20,7 +21,9 @@ training wall time, for the VAEs also the bound at the decoder scale fitted on t
 images), bits_per_dim.png (bits/dim against steps and against training wall time; solid
 lines the f-VAE's and VAE's importance-weighted bounds with K posterior draws as trained,
 or Glow's exact value, dashed the bounds at the fitted scale; the legend says which is
-which) and samples.png (a block per model, samples at T = 0.8 and 1.0 from the same noise).
+which) and samples.png (a block per model, samples at T = 0.8 and 1.0 from the same noise,
+labelled with the step of the weights). compare.md and bits_per_dim.png are rewritten after
+every scored epoch; samples.png when all are done, or with `--report`, which trains nothing.
 The two VAEs' reconstructions of held-out faces are written into their run folders (real
 faces never leave them).
 
@@ -144,9 +147,13 @@ def compare(args):
     if results.get("preset") != args.preset:
         raise common.UsageError(f"--out {args.out!r} holds a comparison of preset "
                                 f"{results.get('preset')!r}, not {args.preset!r}: give another --out")
-    for name, epoch in turns(preset, results["rows"]):
+    if args.report and not results["rows"]:
+        raise common.UsageError(f"--report: {results_path} has no scored epoch yet (run "
+                                "without --report to train)")
+    for name, epoch in [] if args.report else turns(preset, results["rows"]):
         results["rows"].append(train_and_score(preset, name, epoch, args, results, results_path))
         common.write_json(results_path, results)
+        write_tables(args.out, results["rows"])  # progress: the tables and curves so far
     write_outputs(args.out, results, preset)
     for name in ("fvae", "vae"):
         run_script(f_vaes, ["reconstruct", "--out", os.path.join(args.out, name),
@@ -299,30 +306,37 @@ def tables(rows, models):
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out, results, preset):
-    """compare.md (the tables), bits_per_dim.png (the curves) and samples.png (the pictures)."""
-    rows = results["rows"]
+def write_tables(out, rows):
+    """compare.md (the tables) and bits_per_dim.png (the curves) of the scored epochs `rows`;
+    the tables' text."""
     models = list(SCRIPTS)
-    epochs = sorted({r["epoch"] for r in rows})
     text = tables(rows, models)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
-    print(text)
-
     figure = plot_bits_per_dim(rows, models)
     figure.savefig(os.path.join(out, "bits_per_dim.png"), dpi=100)
     from matplotlib import pyplot  # imported by plot_bits_per_dim
     pyplot.close(figure)
+    return text
 
+
+def write_outputs(out, results, preset):
+    """compare.md, bits_per_dim.png and samples.png (the pictures, each block labelled with
+    the step of the model's latest weights: after an interruption they may be past its last
+    scored epoch)."""
+    rows = results["rows"]
+    epochs = sorted({r["epoch"] for r in rows})
+    print(write_tables(out, rows))
     blocks = []
     for name, face_model in MODELS.items():
         run_dir = os.path.join(out, name)
         if not os.path.exists(os.path.join(run_dir, "latest.weights.h5")):
             continue
         _, model = face_runs.load_run(face_model, run_dir, "latest")
+        step = int(model.optimizer.iterations.numpy())  # the weights' own count
         samples = [face_runs.sample_images(model, 8, t, seed=0) for t in (0.8, 1.0)]
         grid = pictures.image_grid(np.concatenate(samples), 2, 8)
-        label = f"{name}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for every model
+        label = f"{name}, step {step:,}: T = 0.8 (top), 1.0 (bottom)"  # the same noise for all
         strip = pictures.label_strip(grid.shape[1], 24, [(label, 0)])
         blocks.append(np.concatenate([strip, grid]))
     if blocks:
@@ -345,6 +359,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="the same for every model")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="each script's --precision (the same for every model)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write compare.md, bits_per_dim.png, samples.png and "
+                             "the reconstructions from what --out holds (e.g. after Ctrl-C)")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
     args.data_dir = args.data_dir or os.path.relpath(face_runs.DEFAULT_DATA[64])

@@ -77,6 +77,24 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
         assert "held_out" not in (out / name / "log.csv").read_text().splitlines()[0]
     assert compare.main(argv) == 0  # everything done: nothing trained again
     assert len(json.load(open(out / "compare.json"))["rows"]) == 6
+    before, shape = (out / "compare.json").read_text(), iio.imread(out / "samples.png").shape
+    for name in ("compare.md", "bits_per_dim.png", "samples.png"):
+        os.remove(out / name)
+    assert compare.main([*argv, "--report"]) == 0  # the outputs again, nothing trained
+    assert (out / "compare.json").read_text() == before
+    assert (out / "compare.md").read_text() == table
+    assert iio.imread(out / "samples.png").shape == shape
+
+
+def test_report_of_an_empty_comparison_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--preset", "tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c"),
+            "--report"]
+    with pytest.raises(SystemExit) as stopped:
+        compare.main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--report" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "c" / "compare.json")
 
 
 def test_the_long_preset_trains_glow_for_the_f_vaes_wall_time():
@@ -151,8 +169,39 @@ def test_an_interrupted_epoch_keeps_its_training_time_and_a_trained_one_is_not_t
     assert trained == ["fvae", "fvae", "glow", "vae"]  # not a third time after the failed scoring
     fvae, = [r for r in results["rows"] if r["model"] == "fvae"]
     assert fvae["seconds"] == 50.0
+    # the tables are written after every scored epoch, not only at the end (faked here)
+    assert "| fvae |" in (tmp_path / "c" / "compare.md").read_text()
     with pytest.raises(common.UsageError, match="preset 'tiny', not 'reduced'"):
         compare.compare(compare.parse_args(["--preset", "reduced", *argv[2:]]))
+
+
+def test_report_writes_the_outputs_of_an_interrupted_comparison_and_trains_nothing(
+        tmp_path, monkeypatch):
+    """Glow's first epoch is interrupted; --report then writes the outputs from the f-VAE's
+    scored epoch without training anything."""
+    trained, written = [], []
+
+    def fake_run(script, argv):
+        run_dir = argv[argv.index("--out") + 1]
+        os.makedirs(run_dir, exist_ok=True)
+        if argv[0] == "evaluate":
+            common.write_json(os.path.join(run_dir, "evaluate.json"),
+                              {"bits_per_dim": 8.0, "images": 4})
+        elif argv[0] != "reconstruct":
+            trained.append(os.path.basename(run_dir))
+            if trained[-1] == "glow":
+                raise common.TrainingStopped("SIGINT: saved after step 1")
+
+    monkeypatch.setattr(compare, "run_script", fake_run)
+    monkeypatch.setattr(compare, "trainable_parameters", lambda model, run_dir: 10)
+    monkeypatch.setattr(compare, "write_outputs", lambda out, results, preset: written.append(
+        [r["model"] for r in results["rows"]]))
+    argv = ["--preset", "tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "c")]
+    with pytest.raises(common.TrainingStopped):
+        compare.compare(compare.parse_args(argv))
+    assert trained == ["fvae", "glow"] and written == []
+    compare.compare(compare.parse_args([*argv, "--report"]))
+    assert trained == ["fvae", "glow"] and written == [["fvae"]]
 
 
 def test_the_plot_says_which_lines_are_bounds_and_which_is_exact():
