@@ -127,11 +127,16 @@ def next_epoch(preset, rows, name):
 
 def turns(preset, rows):
     """(model, epoch) to train next, in turn, one epoch of each model that has one to go,
-    until none has; the caller appends each epoch's row to `rows` before the next."""
+    until none has; the caller appends each epoch's row to `rows` before the next. The turns
+    go on from the model after the last one scored, so that a resumed comparison keeps the
+    order of an uninterrupted one (an epoch cut short is the first to finish)."""
+    names = list(SCRIPTS)
+    start = names.index(rows[-1]["model"]) + 1 if rows else 0
+    order = names[start:] + names[:start]
     trained = True
     while trained:
         trained = False
-        for name in SCRIPTS:
+        for name in order:
             epoch = next_epoch(preset, rows, name)
             if epoch is not None:
                 yield name, epoch

@@ -116,6 +116,20 @@ def test_the_long_preset_trains_glow_for_the_f_vaes_wall_time():
     assert compare.next_epoch(compare.PRESETS["reduced"], rows, "glow") == 3  # reduced: steps
 
 
+def test_a_resumed_comparison_goes_on_with_the_model_whose_turn_it_was():
+    """Stopped after the f-VAE's first epoch was scored (Glow's was cut short): Glow finishes
+    its epoch first, then the VAE, as in the uninterrupted order, not the f-VAE's second."""
+    preset = dict(compare.PRESETS["reduced"], epochs=2)
+    rows = [{"model": "fvae", "epoch": 1, "seconds": 100.0, "steps": 200}]
+    order = []
+    for name, epoch in compare.turns(preset, rows):
+        rows.append({"model": name, "epoch": epoch, "seconds": 100.0 * epoch, "steps": 0})
+        order.append((name, epoch))
+    assert order == [("glow", 1), ("vae", 1), ("fvae", 2), ("glow", 2), ("vae", 2)]
+    rows = rows[:3]  # stopped after the VAE's first: the f-VAE's second is next
+    assert next(compare.turns(preset, rows)) == ("fvae", 2)
+
+
 def test_tables_at_equal_steps_and_at_equal_wall_time():
     def row(name, steps, seconds, bpd, fitted=None):
         return {"model": name, "epoch": 1, "steps": steps, "seconds": seconds,
