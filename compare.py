@@ -27,8 +27,10 @@ every scored epoch; samples.png when all are done, or with `--report`, which tra
 The two VAEs' reconstructions of held-out faces are written into their run folders (real
 faces never leave them).
 
-Sizes (trainable parameters, each preset matched within 15 % of its f-VAE; counted here and
-in tests/test_compare.py): the paper preset's f-VAE is the paper's (95,830,082); its Glow is
+Sizes (trainable parameters as the author's models store them, each preset matched within
+15 % of its f-VAE; counted here and in tests/test_compare.py; the f-VAE's couplings on 1x1
+maps keep only their live taps, 37,748,736 fewer at 64x64 and 3,145,728 fewer at 32x32,
+docs/model.md): the paper preset's f-VAE is the paper's (95,830,082); its Glow is
 the author's widened to 1536 channels and deepened to 12 steps per level (98,985,732); its
 VAE is the f-VAE's encoder and decoder with 122 residual steps per block instead of 12
 (96,204,290), the only way to grow them without changing their shape. The reduced preset
@@ -51,6 +53,7 @@ import pictures
 import cli
 import f_vaes
 import face_runs
+import speedups
 import glow
 from training import monitor
 from training.precision import PRECISIONS
@@ -207,11 +210,14 @@ def train_and_score(preset, name, epoch, args, results, results_path):
 
 
 def trainable_parameters(face_model, run_dir):
-    """Counted on a model built from the run's config.json (once per model: later rows copy it)."""
+    """Counted on a model built from the run's config.json (once per model: later rows copy it),
+    as the author's model stores them: with the kernel taps on 1x1 maps that never touch data
+    (`speedups.dead_taps`), the size the presets are matched by."""
     config = cli.config_from_json(face_model.config_class, common.read_json(
         os.path.join(run_dir, "config.json")))
     config = dataclasses.replace(config, jit_compile=False)
-    count = monitor.count_parameters(face_model.build(config).trainable_weights)
+    model = face_model.build(config)
+    count = monitor.count_parameters(model.trainable_weights) + speedups.dead_taps(model)
     keras.backend.clear_session()
     gc.collect()
     return count

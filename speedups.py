@@ -1,7 +1,8 @@
 """Faster drop-ins for three Keras pieces the models use, each equal to Keras' own:
 
-- `SameConv2D` equals `keras.layers.Conv2D(padding="same")`: the same weights and function,
-  computed as a matmul on tiny feature maps and for 1x1 kernels;
+- `SameConv2D` equals `keras.layers.Conv2D(padding="same")`: the same function, keeping only
+  the kernel taps that can touch data (the centre on a 1x1 map), computed as a matmul on tiny
+  feature maps and for 1x1 kernels;
 - `BatchNormalization` equals `keras.layers.BatchNormalization`: the same variables, outputs
   and moving statistics, with TensorFlow's fused kernel in training steps;
 - `FusedAdam` equals `keras.optimizers.Adam`: the same update and saved state, with
@@ -18,22 +19,76 @@ import keras
 from keras import ops
 
 
+def live_kernel_size(kernel_size, map_size):
+    """The taps of a stride-1 "same" convolution that can ever touch data: on a map of h
+    pixels an output pixel sees inputs at offsets -(h-1)..h-1, so at most 2h-1 taps per axis
+    (a 3x3 kernel keeps only its centre on a 1x1 map, all of it from 2x2 up). `map_size`
+    (h, w) may hold None (unknown): then the whole kernel."""
+    return tuple(k if m is None else min(k, 2 * m - 1) for k, m in zip(kernel_size, map_size))
+
+
+def centre_taps(array, shape):
+    """The centre `shape[:2]` taps of a saved (kh, kw, c_in, c_out) kernel, or of its Adam
+    moments: how a kernel saved whole loads into a layer that keeps only its live taps. An
+    array of the layer's own shape, or of another, is returned as it is."""
+    array = np.asarray(array)
+    if array.shape == tuple(shape) or array.ndim != 4 or len(shape) != 4:
+        return array
+    (kh, kw), (lh, lw) = array.shape[:2], tuple(shape[:2])
+    if array.shape[2:] != tuple(shape[2:]) or kh < lh or kw < lw or (kh - lh) % 2 or (kw - lw) % 2:
+        return array
+    top, left = (kh - lh) // 2, (kw - lw) // 2
+    return array[top:top + lh, left:left + lw]
+
+
+def dead_taps(model):
+    """How many kernel numbers `model`'s SameConv2D layers leave out, against the whole
+    kernels of the same model built with keras.layers.Conv2D (as the author's code does)."""
+    count = 0
+    for layer in model._flatten_layers():
+        if isinstance(layer, SameConv2D) and layer.built:
+            whole = int(np.prod(layer.kernel_size)) * int(np.prod(layer.kernel.shape[2:]))
+            count += whole - int(np.prod(layer.kernel.shape))
+    return count
+
+
+class _CentreOfFullKernel:
+    """Initialises live taps as the centre of the whole kernel `initializer` draws: a model
+    built from a seed holds the same numbers in the taps it keeps as the whole kernel held."""
+
+    def __init__(self, initializer, full_shape):
+        self.initializer, self.full_shape = initializer, tuple(full_shape)
+
+    def __call__(self, shape, dtype=None):
+        return ops.convert_to_tensor(centre_taps(ops.convert_to_numpy(
+            self.initializer(self.full_shape, dtype=dtype)), shape), dtype=dtype)
+
+
 @keras.saving.register_keras_serializable(package="flow_layers")
 class SameConv2D(keras.layers.Conv2D):
-    """`keras.layers.Conv2D(filters, kernel_size, padding="same")`, the same weights and the
-    same function, computed as one matmul when the feature map is at most (k+1)//2 pixels
-    high and wide (1x1 and 2x2 for a 3x3 kernel).
+    """`keras.layers.Conv2D(filters, kernel_size, padding="same")`, the same function, with
+    only the kernel taps that can touch data stored and trained, computed as one matmul when
+    the feature map is at most (k+1)//2 pixels high and wide (1x1 and 2x2 for a 3x3 kernel).
 
-    On such a map every output pixel sees every input pixel, through the kernel tap at their
-    offset, and the rest of the kernel only ever multiplies zero padding. The whole layer is
-    then `y = x.reshape(b, h*w*c_in) @ K_big`, where block (p, i) of K_big is the tap
-    `kernel[p - i + k//2]`; on a 1x1 map K_big is the centre tap. TensorFlow's CPU
-    convolution is slow on such maps (forward and backward 4-15x slower than the matmul),
-    and in f-VAEs the last flow levels and their factor-outs run on 2x2 and 1x1 maps.
-    Larger maps use the ordinary convolution. A 1x1 kernel is a matmul on the channel axis
-    up to 4x4 maps (where it is as fast as the convolution or faster) and the convolution
-    above (oneDNN's 1x1 convolution is about 8 % faster forward and backward on 8x8 to 32x32
-    maps of 512 channels, the Glow baseline's largest layers; measured 2026-12-01).
+    Live taps. On a 1x1 map only the centre tap of a 3x3 kernel ever multiplies data; the
+    other eight multiply zero padding, get zero gradients and would stay at their initial
+    values forever, yet cost optimiser updates, memory and checkpoint space. Built on a map
+    of known size, the layer keeps `live_kernel_size` taps (its config still says the whole
+    `kernel_size`, the model's definition), initialised as the centre of the whole kernel the
+    initializer draws, so a seed gives the same numbers as a whole kernel would in every
+    live tap. A weights file saved with whole kernels loads its centre taps (the weights and
+    the Adam moments, `FusedAdam`).
+
+    Small maps. On a map at most (k+1)//2 pixels wide every output pixel sees every input
+    pixel, through the tap at their offset, and the rest of the kernel only ever multiplies
+    zero padding. The whole layer is then `y = x.reshape(b, h*w*c_in) @ K_big`, where block
+    (p, i) of K_big is the tap `kernel[p - i + k//2]`; on a 1x1 map K_big is the centre tap.
+    TensorFlow's CPU convolution is slow on such maps (forward and backward 4-15x slower than
+    the matmul), and in f-VAEs the last flow levels and their factor-outs run on 2x2 and 1x1
+    maps. Larger maps use the ordinary convolution. A 1x1 kernel is a matmul on the channel
+    axis up to 4x4 maps (where it is as fast as the convolution or faster) and the
+    convolution above (oneDNN's 1x1 convolution is about 8 % faster forward and backward on
+    8x8 to 32x32 maps of 512 channels, the Glow baseline's largest layers).
     """
 
     MATMUL_MAX_PIXELS = 16  # 1x1 kernels: a matmul on maps of at most this many pixels
@@ -48,23 +103,43 @@ class SameConv2D(keras.layers.Conv2D):
             raise ValueError("SameConv2D needs padding='same', strides 1, dilation 1, groups 1, "
                              f"channels_last and an odd kernel size, got {self.get_config()}")
 
+    def build(self, input_shape):
+        full_size, initializer = self.kernel_size, self.kernel_initializer
+        live_size = live_kernel_size(full_size, input_shape[1:3])
+        if live_size != full_size:  # Keras' build, given the live size and the centre's values
+            self.kernel_size = live_size
+            self.kernel_initializer = _CentreOfFullKernel(
+                initializer, (*full_size, input_shape[-1], self.filters))
+        try:
+            super().build(input_shape)
+        finally:
+            self.kernel_size, self.kernel_initializer = full_size, initializer
+
+    def load_own_variables(self, store):
+        variables = self._trainable_variables + self._non_trainable_variables
+        super().load_own_variables({key: centre_taps(store[key], variables[int(key)].shape)
+                                    if key.isdigit() and int(key) < len(variables) else store[key]
+                                    for key in store.keys()})
+
     def convolution_op(self, inputs, kernel):
         h, w = inputs.shape[1:3]
-        kh, kw = self.kernel_size
+        kh, kw = kernel.shape[:2]  # the live taps
         if kh == kw == 1 and h is not None and w is not None and h * w <= self.MATMUL_MAX_PIXELS:
-            return ops.matmul(inputs, kernel[0, 0])  # a 1x1 convolution on a small map
+            # a 1x1 convolution on a small map: one 2-D matmul over all pixels (a 4-D input
+            # would make it a broadcast batch matmul, whose kernel gradient sums per-image
+            # products)
+            c_in, c_out = kernel.shape[2], kernel.shape[3]
+            outputs = ops.matmul(ops.reshape(inputs, (-1, c_in)), kernel[0, 0])
+            return ops.reshape(outputs, (-1, h, w, c_out))
         if h is None or w is None or h > (kh + 1) // 2 or w > (kw + 1) // 2:
             return super().convolution_op(inputs, kernel)
         c_in, c_out = kernel.shape[2], kernel.shape[3]
-        if h == 1 and w == 1:
-            dense = kernel[kh // 2, kw // 2]
-        else:
-            # taps[p, i]: the kernel tap linking input pixel p to output pixel i (row-major)
-            pixels = [(r, c) for r in range(h) for c in range(w)]
-            taps = np.array([[(pr - ir + kh // 2) * kw + (pc - ic + kw // 2) for ir, ic in pixels]
-                             for pr, pc in pixels], dtype="int32")
-            blocks = ops.take(ops.reshape(kernel, (kh * kw, c_in, c_out)), taps, axis=0)
-            dense = ops.reshape(ops.transpose(blocks, (0, 2, 1, 3)), (h * w * c_in, h * w * c_out))
+        # taps[p, i]: the kernel tap linking input pixel p to output pixel i (row-major)
+        pixels = [(r, c) for r in range(h) for c in range(w)]
+        taps = np.array([[(pr - ir + kh // 2) * kw + (pc - ic + kw // 2) for ir, ic in pixels]
+                         for pr, pc in pixels], dtype="int32")
+        blocks = ops.take(ops.reshape(kernel, (kh * kw, c_in, c_out)), taps, axis=0)
+        dense = ops.reshape(ops.transpose(blocks, (0, 2, 1, 3)), (h * w * c_in, h * w * c_out))
         outputs = ops.matmul(ops.reshape(inputs, (-1, h * w * c_in)), dense)
         return ops.reshape(outputs, (-1, h, w, c_out))
 
@@ -125,14 +200,23 @@ class BatchNormalization(keras.layers.BatchNormalization):
 class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam`: the same update, hyperparameters and saved state (m and v),
     with each variable updated by TensorFlow's fused Adam kernel in one pass over var, m and
-    v instead of Keras' nine element-wise ops. For the f-VAE's 96M parameters that is about
-    a third of the time of Keras' update (docs/benchmark.md). The kernel computes Keras' formula:
+    v instead of Keras' nine element-wise ops (about a third of the time of Keras' update for
+    the f-VAE's parameters, docs/benchmark.md); a kernel's moments saved whole load into the
+    live taps of a `SameConv2D` kernel. The kernel computes Keras' formula:
     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2); var -= lr sqrt(1 - b2^t) / (1 - b1^t) m /
     (sqrt(v) + eps). Sparse gradients and amsgrad take Keras' own path. Under tf.distribute
     Keras calls `update_step` once per device inside `distribution.extended.update`, where
     `variable.handle` is that device's copy: each copy gets its own fused update
     (tests/test_distribute.py compares the Adam moments with one device's).
     """
+
+    def load_own_variables(self, store):
+        """Keras' loading, with the moments of a kernel saved whole cut to the taps its
+        layer keeps (`SameConv2D`)."""
+        variables = self.variables
+        super().load_own_variables({key: centre_taps(store[key], variables[int(key)].shape)
+                                    if key.isdigit() and int(key) < len(variables) else store[key]
+                                    for key in store.keys()})
 
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or not hasattr(variable, "handle"):

@@ -16,6 +16,7 @@ Images are channels-last `(batch, height, width, channels)`.
 """
 
 import numpy as np
+import tensorflow as tf
 import keras
 from keras import ops
 
@@ -96,24 +97,16 @@ class Squeeze(FlowLayer):
         if (h is not None and h % f) or (w is not None and w % f):
             raise ValueError(f"{self.__class__.__name__} '{self.name}': height and width must be "
                              f"divisible by factor {f}, got shape {tuple(x.shape)}")
-        h = ops.shape(x)[1] if h is None else h
-        w = ops.shape(x)[2] if w is None else w
-        x = ops.reshape(x, (-1, h // f, f, w // f, f, c))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        return ops.reshape(x, (-1, h // f, w // f, f * f * c))
+        return tf.nn.space_to_depth(x, f)  # one op, where reshape-transpose-reshape is three
 
     def _unsqueeze(self, x):
         _require_image(x.shape, self)
         f = self.factor
-        h, w, c = x.shape[1:]
+        c = x.shape[-1]
         if c % (f * f):
             raise ValueError(f"{self.__class__.__name__} '{self.name}': channels must be divisible "
                              f"by factor**2 = {f * f}, got shape {tuple(x.shape)}")
-        h = ops.shape(x)[1] if h is None else h
-        w = ops.shape(x)[2] if w is None else w
-        x = ops.reshape(x, (-1, h, w, f, f, c // (f * f)))
-        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
-        return ops.reshape(x, (-1, h * f, w * f, c // (f * f)))
+        return tf.nn.depth_to_space(x, f)
 
     def call(self, inputs, inverse=False):
         y = self._unsqueeze(inputs) if inverse else self._squeeze(inputs)
@@ -227,7 +220,7 @@ class Permute(FlowLayer):
     `mode="random"` draws the permutation once at build time from `seed` (drawn at
     construction if not given, and kept in the config) and stores it as a non-trainable
     int32 weight, so it is saved and reloaded with the model; `mode="reverse"` reverses.
-    Implemented as one gather on the channel axis.
+    Implemented as one gather on the channel axis, and its gradient as another.
     """
 
     def __init__(self, mode="random", seed=None, **kwargs):
@@ -243,11 +236,27 @@ class Permute(FlowLayer):
             initializer=_PermutationInit(self.mode, self.seed))
 
     def call(self, inputs, inverse=False):
-        perm = ops.argsort(self.permutation) if inverse else self.permutation
-        return ops.take(inputs, perm, axis=-1), _zeros_per_example(inputs)
+        perm = ops.convert_to_tensor(self.permutation)
+        undo = ops.argsort(perm)
+        if inverse:
+            perm, undo = undo, perm
+        return _permute_channels(inputs, perm, undo), _zeros_per_example(inputs)
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode, "seed": self.seed}
+
+
+def _permute_channels(x, perm, undo):
+    """x[..., perm], whose gradient is the upstream gradient gathered with the inverse
+    permutation `undo`: one gather, where the gradient of a gather on the channel axis
+    scatters (transposes and a segment sum), several times dearer in an f-VAE step."""
+    @ops.custom_gradient
+    def permute(x):
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            return ops.take(upstream, undo, axis=-1)
+        return ops.take(x, perm, axis=-1), grad
+    return permute(x)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -46,13 +46,60 @@ def test_fvae_loss_and_gradients_equal_the_padded_convolutions(monkeypatch):
         np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5 * scale, err_msg=variable.path)
 
 
-def test_coupling_convolutions_keep_their_kernel_shapes():
-    """The 3x3 kernels on 1x1 maps stay 3x3 (the parameters docs/model.md counts), even though
-    only their centre taps can ever touch the data."""
+def test_coupling_convolutions_keep_only_their_live_taps():
+    """On the tiny f-VAE's 1x1 level the coupling's 3x3 kernels keep their centre tap only;
+    on its 2x2 level (and the factor-out's CondActNorm there) every tap touches data."""
     model = FVAE(**TINY)
     model(np.zeros((1, 16, 16, 3), "float32"))
-    kernels = [w for w in model.flow.trainable_weights if "kernel" in w.path and "coupling" in w.path]
-    assert sorted({tuple(w.shape[:2]) for w in kernels}) == [(1, 1), (3, 3)]
+    shapes = {w.path: tuple(w.shape[:2]) for w in model.flow.trainable_weights if "kernel" in w.path}
+    level0 = {s for p, s in shapes.items() if "level0" in p}
+    level1 = {s for p, s in shapes.items() if "level1" in p}
+    assert level0 == {(3, 3), (1, 1)} and level1 == {(1, 1)}
+
+
+@pytest.mark.parametrize("map_size, kernel, live", [(1, 3, 1), (2, 3, 3), (2, 5, 3), (3, 5, 5),
+                                                   (1, 5, 1)])
+def test_live_taps_are_the_centre_of_the_kernel_keras_draws(map_size, kernel, live):
+    """The live kernel holds the centre taps of the kernel keras.layers.Conv2D draws from the
+    same initializer seed, and computes the same function as Conv2D with that whole kernel."""
+    shape = (2, map_size, map_size, 5)
+    x = np.random.RandomState(0).randn(*shape).astype("float32")
+    init = lambda: keras.initializers.GlorotUniform(seed=11)  # noqa: E731
+    whole = keras.layers.Conv2D(7, kernel, padding="same", kernel_initializer=init(),
+                                bias_initializer="ones")
+    fast = SameConv2D(7, kernel, kernel_initializer=init(), bias_initializer="ones")
+    expected, got = whole(x).numpy(), fast(x).numpy()
+    assert tuple(fast.kernel.shape) == (live, live, 5, 7)
+    cut = (kernel - live) // 2
+    np.testing.assert_array_equal(fast.kernel.numpy(),
+                                  whole.kernel.numpy()[cut:cut + live, cut:cut + live])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert fast.get_config()["kernel_size"] == (kernel, kernel)  # the model's definition
+
+
+def test_whole_kernels_and_their_adam_moments_load_as_centre_taps(tmp_path):
+    """A weights file of a whole 3x3 kernel trained on 1x1 maps (as runs were saved before
+    the live taps; here a layer built for maps of any size) loads its centre tap, moments
+    included."""
+    def model_with(layer, size):
+        model = keras.Sequential([keras.Input((size, size, 4)), layer])
+        model.compile(optimizer=speedups.FusedAdam(0.01), loss="mse")
+        return model
+    x = np.random.RandomState(1).randn(8, 1, 1, 4).astype("float32")
+    y = np.random.RandomState(2).randn(8, 1, 1, 3).astype("float32")
+    whole = model_with(SameConv2D(3, 3), None)
+    whole.fit(x, y, epochs=2, verbose=0)
+    whole.save_weights(tmp_path / "whole.weights.h5")
+    live = model_with(SameConv2D(3, 3), 1)
+    assert tuple(whole.layers[0].kernel.shape) == (3, 3, 4, 3)
+    live.optimizer.build(live.trainable_variables)
+    live.load_weights(tmp_path / "whole.weights.h5")
+    np.testing.assert_array_equal(live.layers[0].kernel.numpy(),
+                                  whole.layers[0].kernel.numpy()[1:2, 1:2])
+    for saved, loaded in zip(whole.optimizer.variables, live.optimizer.variables):
+        saved = saved.numpy()
+        np.testing.assert_array_equal(loaded.numpy(), saved[1:2, 1:2] if saved.ndim == 4 else saved)
+    np.testing.assert_allclose(live.predict(x, verbose=0), whole.predict(x, verbose=0), atol=1e-6)
 
 
 def test_infomax_pair_scores_and_gradients_equal_the_concatenation(monkeypatch):

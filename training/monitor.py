@@ -7,6 +7,7 @@ the parameter counts printed when it starts."""
 import csv
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -31,9 +32,49 @@ def interactive():
 
 def callbacks(run_dir, every):
     """The monitors of a training run, in the order they must run (after the checkpoint)."""
-    return [keras.callbacks.TensorBoard(tensorboard_dir(run_dir), update_freq="epoch",
+    return [FirstStep(),
+            keras.callbacks.TensorBoard(tensorboard_dir(run_dir), update_freq="epoch",
                                         write_graph=False, profile_batch=0),
             StepScalars(run_dir, every), LossCurves(run_dir)]
+
+
+def since_start():
+    """Seconds since this process started (Linux; since this module was imported elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
+
+
+def progress(doing):
+    """One line on stderr saying what the run does now, and when (before the first step)."""
+    print(f"{doing} ({since_start():.0f} s after the command started) ...", file=sys.stderr,
+          flush=True)
+
+
+class FirstStep(keras.callbacks.Callback):
+    """Says what the wait before the first step is (TensorFlow tracing and compiling the
+    training step, a minute or more for the 64x64 f-VAE on a CPU) and when it is over."""
+
+    def __init__(self):
+        super().__init__()
+        self.done = False  # one callback for both fits of a resumed, cut-short epoch
+
+    def on_train_begin(self, logs=None):
+        if not self.done:
+            progress("tracing and compiling the training step (the first step waits for it)")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.done:
+            self.done = True
+            print(f"first step done, {since_start():.0f} s after the command started",
+                  file=sys.stderr, flush=True)
 
 
 class StepScalars(keras.callbacks.Callback):
