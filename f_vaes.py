@@ -47,7 +47,7 @@ from cli import option
 from common import UsageError
 from face_runs import LOG_2PI, FaceRunSettings, bits_per_dim, dequantise, scale_pixels
 from layers import MultiScaleFlow, Reshape, Squeeze, UnSqueeze
-from speedups import BatchNormalization
+from speedups import BatchNormalization, dead_taps
 from training import distribute, guards
 from training.monitor import count_parameters
 from training.precision import full_precision, networks, to_float32
@@ -252,9 +252,22 @@ class FVAE(guards.GuardedModel):
 
     # ----------------------------------------------------------------------- pictures
 
-    def latent(self, x):
-        """z = F(E(x)), the flow latent of the posterior mean (u = 0)."""
-        return self.flow(to_float32(self.encoder(x, training=False)))[0]
+    def latent(self, x, noise=None):
+        """z = F(v) of the posterior draw v = exp(s_u) * u + E(x) with u = `noise` (shaped as
+        E(x)), as the author's total_encoder gives it (his random normal layer stays in it);
+        without `noise`, u = 0: z = F(E(x)), the flow latent of the posterior mean. (The VAE:
+        v = sigma(x) * u + E(x), z = v.)"""
+        h = to_float32(self.encoder(x, training=False))
+        if noise is not None:
+            log_scale = self.log_noise_scale + (self.log_scale_head(h) if self.gaussian else 0.0)
+            h = ops.exp(log_scale) * ops.convert_to_tensor(noise, h.dtype) + h
+        return self.flow(h)[0]
+
+    def posterior_latent(self, x, seed=0):
+        """`latent(x, noise=u)`, u ~ N(0, I) drawn from numpy's `seed`: the z of one posterior
+        draw per image, the author's (`interpolate --image-latent draw`)."""
+        noise = np.random.RandomState(seed).randn(len(x), *self.encoder.output.shape[1:])
+        return self.latent(x, noise=noise.astype("float32"))
 
     def generate(self, flow_latent):
         """image = G(F^-1(z))."""
@@ -290,12 +303,16 @@ class FVAE(guards.GuardedModel):
 
     def bits_per_dim(self, images, seed=0, batch=32):
         """Per image: the bound of `evaluate` in bits/dim (dequantised (x_int + U(0, 1)) / 256,
-        one posterior draw u), for uint8 images."""
-        keras.utils.set_random_seed(seed)
+        one posterior draw u), for uint8 images. Both noises are drawn from numpy's `seed` for
+        all images at once: the same seed gives the same numbers, whatever `batch`, and the
+        model's own noise stream (training's) is left where it was."""
         x = np.asarray(images, np.float32)
-        return np.concatenate([ops.convert_to_numpy(
-            self.loss_parts(dequantise(tf.constant(x[i:i + batch])))["bits_per_dim"])
-            for i in range(0, len(x), batch)])
+        rng = np.random.RandomState(seed)
+        uniform = rng.uniform(size=x.shape).astype(np.float32)
+        noise = rng.randn(len(x), *self.encoder.output.shape[1:]).astype(np.float32)
+        return np.concatenate([ops.convert_to_numpy(self.loss_parts(
+            dequantise(tf.constant(x[i:i + batch]), uniform[i:i + batch]),
+            noise=noise[i:i + batch])["bits_per_dim"]) for i in range(0, len(x), batch)])
 
 
 def build_model(config, verbose=False):
@@ -309,17 +326,26 @@ def build_model(config, verbose=False):
 
 
 def parameter_report(model):
-    """Counts to compare with docs/model.md ("The f-VAE", "Architecture"): E and G 4,729,536
-    each, flow + 2 scalars 86,371,010, all 95,830,082; non-trainable 12,096 batch-norm
-    statistics and 34,560 permutation indices."""
+    """Counts to compare with docs/model.md ("The f-VAE", "Architecture"). 128x128: E and G
+    4,729,536 each, flow + 2 scalars 86,371,010, all 95,830,082, as the author's; 64x64: the
+    flow's last level runs on 1x1 maps, where its couplings keep only the centre tap of their
+    3x3 kernels (the 37,748,736 others never touch data): flow + 2 scalars 48,622,274, all
+    58,081,346. Non-trainable: 12,096 batch-norm statistics and 34,560 permutation indices."""
     count = count_parameters
     permutations = [w for w in model.non_trainable_weights if "permutation" in w.path]
-    return [
+    trainable = count(model.trainable_weights)
+    report = [
         f"encoder trainable parameters:        {count(model.encoder.trainable_weights):,}",
         f"decoder trainable parameters:        {count(model.decoder.trainable_weights):,}",
         f"flow + 2 scalars trainable:          "
         f"{count(model.flow.trainable_weights) + 2:,}",
-        f"whole model trainable:               {count(model.trainable_weights):,}",
+        f"whole model trainable:               {trainable:,}",
+    ]
+    dead = dead_taps(model)
+    if dead:
+        report.append(f"  the author's model also stores {dead:,} kernel taps on 1x1 maps that "
+                      f"never touch data ({trainable + dead:,} in all; docs/model.md)")
+    return report + [
         f"non-trainable batch-norm statistics: "
         f"{count(model.non_trainable_weights) - count(permutations):,}",
         f"non-trainable permutation indices:   {count(permutations):,}",
@@ -330,9 +356,21 @@ def parameter_report(model):
 # Training on a folder of faces, the sample grids after every epoch and the commands on a
 # trained run are Glow's too: face_runs.py, given this description of the model.
 
+class LogScalars(keras.callbacks.Callback):
+    """The decoder's log-precision t_x, the posterior's log noise scale s_u and exp(s_u) into
+    the epoch's logs (log.csv), to follow them over a long run."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            log_noise_scale = float(ops.convert_to_numpy(self.model.log_noise_scale))
+            logs.update(log_precision=float(ops.convert_to_numpy(self.model.log_precision)),
+                        log_noise_scale=log_noise_scale, noise_scale=float(np.exp(log_noise_scale)))
+
+
 FVAE_RUNS = face_runs.FaceModel(
     name="fvae", config_class=Config, check=check_config, build=build_model, doc=__doc__,
     commands=face_runs.COMMANDS, temperatures=(1.0, 0.8),
+    monitors=(lambda run_dir, config: LogScalars(),),
     quick=dict(depth=2, res_steps=1, coupling_width=32, batch_size=4))
 
 main = FVAE_RUNS.main  # train, sample, reconstruct, ...: `python f_vaes.py --help`

@@ -7,13 +7,16 @@ Each script describes its model once, as a `FaceModel` (its name, config class, 
 builder, commands, sample temperatures, extra monitors and docstring), and hands that to
 `main`, `train`, `load_run` and `benchmark_setup`. The model itself needs `loss_parts(x)`,
 `LOG_NAMES`, `latent(x)`, `generate(z)`, `latent_dims` and `img_size` (f_vaes.FVAE and
-glow.Glow have them); `reconstruct`, `encode` and `bits_per_dim` where its commands use them.
+glow.Glow have them); `reconstruct`, `encode` and `bits_per_dim` where its commands use them,
+and `posterior_latent(x, seed)` where it has a posterior to draw from (the f-VAE; for
+`interpolate --image-latent draw`, refused without it).
 
 Bits/dim (see f_vaes.py's docstring): `evaluate` scores held-out images dequantised as
 y = (x_int + U(0, 1)) / 256 * 2 - 1 and reports (nll + D*log(128)) / (D*ln 2).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -242,6 +245,7 @@ def train(face_model, config, out):
         config = run.config  # XLA decided
         files = image_files.list_image_files(config.data_dir)
         train_files, held_out = split_files(files, config.holdout)
+        monitor.progress(f"checking that the {len(train_files)} training images decode")
         train_files, _ = image_files.find_readable_images(train_files, config.img_size)
         if not train_files:
             raise UsageError(f"--data-dir {config.data_dir!r}: no readable image among the "
@@ -250,6 +254,7 @@ def train(face_model, config, out):
               f"of the sorted list), {config.img_size}x{config.img_size}", file=sys.stderr)
 
         def build_seeded():
+            monitor.progress("building the model")
             keras.utils.set_random_seed(config.seed)
             return face_model.build(config, verbose=True)
 
@@ -364,11 +369,23 @@ def decode_rows(model, latents):
 def command_interpolate(args, config, model):
     """interpolate_2.png: per row, `cols` steps linear in z between two real images;
     interpolate_4.png: rows x cols, bilinear in z between four real images at the corners.
+    A real image's z is that of its posterior mean, u = 0 (`--image-latent mean`), or of one
+    posterior draw u from the seed (`draw`: the author's total_encoder keeps its noise).
     With `--between samples` the ends are generated samples, z ~ N(0, T^2 I) (the z of
     `sample` at that seed), in interpolate_2_T<T>.png and interpolate_4_T<T>.png."""
+    draw = getattr(args, "image_latent", "mean") == "draw"
+    if draw and args.between == "samples":
+        raise UsageError("--image-latent draw: the z of real images, only with --between images")
+    if draw and not hasattr(model, "posterior_latent"):
+        raise UsageError(f"--image-latent draw: the {model.name} model has no posterior to draw "
+                         "from (its z = F(x)); use --image-latent mean")
     if args.between == "samples":
         ends = lambda n, seed: sample_latents(model, n, args.temperature, seed)  # noqa: E731
         suffix = f"_T{args.temperature}"
+    elif draw:
+        ends = lambda n, seed: ops.convert_to_numpy(  # noqa: E731
+            model.posterior_latent(real_images(config, n, seed), seed))
+        suffix = ""
     else:
         ends = lambda n, seed: ops.convert_to_numpy(  # noqa: E731
             model.latent(real_images(config, n, seed)))
@@ -395,27 +412,27 @@ def command_evaluate(args, config, model):
     files, _ = image_files.find_readable_images(files, config.img_size)
     if not files:
         raise UsageError("no readable image to evaluate")
-    keras.utils.set_random_seed(args.seed)
-    dataset = datasets.image_dataset(files, config.img_size, min(config.batch_size, len(files)),
-                                     dequantise)
+    keras.utils.set_random_seed(args.seed)  # the dequantisation noise
+    dataset = dequantised_images(files, config.img_size, min(config.batch_size, len(files)))
     samples = getattr(args, "samples", 1)
-    if samples > 1:
-        results, draws = importance_weighted(model, dataset, samples)
-    else:
-        results = model.evaluate(dataset, return_dict=True, verbose=0)
-    results["reconstruction_rmse"] = reconstruction_rmse(model, files, config.img_size)
-    if hasattr(model, "log_precision"):  # a decoder: the bound at its best scale too
-        dims = config.img_size ** 2 * 3
-        results["log_precision"] = float(ops.convert_to_numpy(model.log_precision))
-        results["sampled_reconstruction_rmse"] = sampled_reconstruction_rmse(
-            results["recon"], dims, results["log_precision"])
-        results["fitted_log_precision"] = fitted_log_precision(model, config, args.seed)
-        refit = lambda loss, recon: refitted_loss(  # noqa: E731
-            loss, recon, dims, results["log_precision"], results["fitted_log_precision"])
-        loss = (np.mean(iwae_bound(refit(*draws))) if samples > 1
-                else refit(results["loss"], results["recon"]))
-        results["loss_fitted_t_x"] = float(loss)
-        results["bits_per_dim_fitted_t_x"] = float(bits_per_dim(loss, dims))
+    with noise_kept(model):  # u: a freshly loaded model's draws, however often this runs
+        if samples > 1:
+            results, draws = importance_weighted(model, dataset, samples)
+        else:
+            results = model.evaluate(dataset, return_dict=True, verbose=0)
+        results["reconstruction_rmse"] = reconstruction_rmse(model, files, config.img_size)
+        if hasattr(model, "log_precision"):  # a decoder: the bound at its best scale too
+            dims = config.img_size ** 2 * 3
+            results["log_precision"] = float(ops.convert_to_numpy(model.log_precision))
+            results["sampled_reconstruction_rmse"] = sampled_reconstruction_rmse(
+                results["recon"], dims, results["log_precision"])
+            results["fitted_log_precision"] = fitted_log_precision(model, config, args.seed)
+            refit = lambda loss, recon: refitted_loss(  # noqa: E731
+                loss, recon, dims, results["log_precision"], results["fitted_log_precision"])
+            loss = (np.mean(iwae_bound(refit(*draws))) if samples > 1
+                    else refit(results["loss"], results["recon"]))
+            results["loss_fitted_t_x"] = float(loss)
+            results["bits_per_dim_fitted_t_x"] = float(bits_per_dim(loss, dims))
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
           f"(x_int + U(0,1))/256*2-1), K = {samples} posterior sample(s), nats per image "
           f"(reconstruction_rmse: G(E(x)) against x, in pixel values 0..255; "
@@ -434,6 +451,25 @@ def command_evaluate(args, config, model):
 
 
 FIT_IMAGES = 1000  # training images that set the fitted decoder scale t_x*
+
+
+@contextlib.contextmanager
+def noise_kept(model):
+    """The model's own noise streams (the f-VAE's u) put back as they were afterwards: what a
+    command draws is what a freshly loaded model draws, however often it runs on one model."""
+    states = [generator.state.numpy() for generator in seed_generators(model)]
+    try:
+        yield
+    finally:
+        for generator, state in zip(seed_generators(model), states):
+            generator.state.assign(state)
+
+
+def dequantised_images(files, img_size, batch_size):
+    """The image files in order, as batches of `dequantise`d pixels. The U(0, 1) noise is
+    drawn batch after batch, not in the parallel decoding (whose order varies), so the same
+    TensorFlow seed gives the same numbers."""
+    return datasets.image_dataset(files, img_size, batch_size, lambda x: x).map(dequantise)
 
 
 def squared_residuals(recon, dims, log_precision):
@@ -473,8 +509,7 @@ def fitted_log_precision(model, config, seed, images=FIT_IMAGES):
     dims = config.img_size ** 2 * 3
     t_x = float(ops.convert_to_numpy(model.log_precision))
     squares = [squared_residuals(ops.convert_to_numpy(model.loss_parts(x)["recon"]), dims, t_x)
-               for x in datasets.image_dataset(files, config.img_size, config.batch_size,
-                                               dequantise)]
+               for x in dequantised_images(files, config.img_size, config.batch_size)]
     return float(-0.5 * np.log(np.mean(np.concatenate(squares)) / dims))
 
 
@@ -637,6 +672,12 @@ def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     commands["interpolate"].add_argument("--temperature", type=temperature, default=0.8,
                                          metavar="T", help="T of the samples at the ends "
                                                            "(with --between samples)")
+    commands["interpolate"].add_argument("--image-latent", choices=("mean", "draw"),
+                                         default="mean",
+                                         help="the z of a real image at an end: mean, F(E(x)) "
+                                              "(u = 0, the posterior mean); draw, "
+                                              "F(exp(s_u) u + E(x)) for one u ~ N(0, I) from "
+                                              "--seed, the author's (f-VAE only)")
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")

@@ -9,8 +9,9 @@ paper (docs/model.md, "Glow, the paper's baseline"), on this project's flow laye
     loss = 0.5*sum(z^2) + 0.5*log(2*pi)*D - logdet              nats per image
 
 Sampling: x = F^-1(z), z ~ N(0, T^2 I), T = 0.9 in the author's script. The author's collapse
-rule: after epoch 10, an epoch whose loss turns positive again reloads the best weights and
-sets the learning rate to 1e-5 (CollapseRule).
+rule: from epoch 12 on (his `epoch > 10`, Keras counting from 0), an epoch whose loss turns
+positive again reloads the best epoch's weights (not the optimiser's state) and sets the
+learning rate to 1e-5 (CollapseRule).
 
     python glow.py --img-size 64                 # train (or resume) into runs/glow64
     python glow.py sample | interpolate | sweep | evaluate --out runs/glow64
@@ -37,7 +38,7 @@ from common import UsageError
 from face_runs import LOG_2PI, FaceRunSettings, bits_per_dim, scale_pixels
 from layers import MultiScaleFlow
 from training import distribute, guards
-from training.checkpoint import load_weights, weights_attrs
+from training.checkpoint import weights_attrs
 from training.monitor import count_parameters
 from training.precision import full_precision, networks
 
@@ -141,10 +142,13 @@ def parameter_report(model):
 # =========================================================================== training
 
 class CollapseRule(keras.callbacks.Callback):
-    """The author's rule: after epoch 10, an epoch whose loss turns positive (the loss is
-    negative once Glow has learnt) and is not the lowest so far means the model collapsed:
-    reload the best weights (before this epoch's save, so that the save holds them) and
-    set the learning rate to `lr` (1e-5). A resumed run starts from the lowest loss of its
+    """The author's rule (his glow.py's `Evaluate`): after Keras' epoch `after_epoch` = 10,
+    counted from 0 (from log.csv's epoch 12 on), an epoch whose loss turns positive (the loss
+    is negative once Glow has learnt) and is not the lowest so far means the model collapsed:
+    reload the best epoch's weights and set the learning rate to `lr` (`--collapse-lr`, 1e-5).
+    The weights only, as his Keras 2 `load_weights` did: Adam's moments and step count go on
+    from this epoch (`load_model_weights`). The reload comes before this epoch's save, so that
+    the save holds the reloaded weights. A resumed run starts from the lowest loss of its
     earlier epochs, which best.weights.h5 records."""
 
     def __init__(self, run_dir, lr=1e-5, after_epoch=10):
@@ -164,13 +168,20 @@ class CollapseRule(keras.callbacks.Callback):
             return
         if self.lowest is None or loss <= self.lowest:
             self.lowest = loss
-        elif loss > 0 and epoch >= self.after_epoch and os.path.exists(self.best):
-            load_weights(self.model, self.best)
+        elif loss > 0 and epoch > self.after_epoch and os.path.exists(self.best):
+            load_model_weights(self.model, self.best)
             self.model.optimizer.learning_rate.assign(self.lr)
             logs["collapsed"] = 1.0
-            print(f"epoch {epoch + 1}: loss {loss:.1f} > 0 after epoch {self.after_epoch}: the "
-                  f"model collapsed; reloaded {self.best}, learning rate {self.lr:g}",
+            print(f"epoch {epoch + 1}: loss {loss:.1f} > 0 and not the lowest: the model "
+                  f"collapsed; reloaded the weights of {self.best}, learning rate {self.lr:g}",
                   file=sys.stderr, flush=True)
+
+
+def load_model_weights(model, path):
+    """The model's weights from the weights file `path`, its optimiser's state left as it is
+    (a resume loads both: training.checkpoint.load_weights)."""
+    from keras.src.saving import saving_lib  # `load_weights` has no way to leave it out
+    saving_lib.load_weights_only(model, path, objects_to_skip=[model.optimizer])
 
 
 # =========================================================================== training and pictures

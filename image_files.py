@@ -160,11 +160,13 @@ def centre_square(image):
 
 def load_image(path, img_size):
     """Decode one file, take its centred square, resize it to float32 (img_size, img_size, 3)
-    with values in [0, 255]."""
+    and round it to 8-bit values 0..255, as the author's `imresize` returned uint8 (so that
+    the dequantisation noise and bits/dim are those of 8-bit images); half to even, as
+    `pictures.to_uint8` rounds."""
     image = centre_square(_decode_rgb(path))
     image = tf.image.resize(tf.cast(image, tf.float32), (img_size, img_size), method="area",
                             antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
 def find_readable_images(files, img_size=None, verbose=True):

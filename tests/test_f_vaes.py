@@ -348,17 +348,27 @@ def test_generate_decodes_the_inverse_flow_and_latent_is_the_flow_of_the_encodin
 
 # --------------------------------------------------------------------------- sizes
 
-@pytest.mark.parametrize("img_size", [64, 128])
-def test_parameter_counts_match_spec(img_size):
+@pytest.mark.parametrize("img_size, flow, dead", [(64, "48,622,274", "37,748,736"),
+                                                  (128, "86,371,010", None)])
+def test_parameter_counts_match_spec(img_size, flow, dead):
+    """The author's counts at 128x128; at 64x64 the flow's last level runs on 1x1 maps, where
+    the 12 couplings keep 1 of the 9 taps of both 3x3 kernels: 12 * 8 * 9 * (768 * 256 +
+    256 * 768) = 37,748,736 fewer numbers, which the report names with the author's total."""
     model = f_vaes.build_model(Config(img_size=img_size, seed=0))
     report = "\n".join(f_vaes.parameter_report(model))
+    whole = "95,830,082" if dead is None else "58,081,346"
     for expected in ("encoder trainable parameters:        4,729,536",
                      "decoder trainable parameters:        4,729,536",
-                     "flow + 2 scalars trainable:          86,371,010",
-                     "whole model trainable:               95,830,082",
+                     f"flow + 2 scalars trainable:          {flow}",
+                     f"whole model trainable:               {whole}",
                      "non-trainable batch-norm statistics: 12,096",
                      "non-trainable permutation indices:   34,560"):
         assert expected in report
+    assert 12 * 8 * (768 * 256 + 256 * 768) == 37_748_736
+    if dead:
+        assert f"also stores {dead} kernel taps" in report and "(95,830,082 in all" in report
+    else:
+        assert "also stores" not in report
     assert model.encoder.output.shape == (None, img_size // 8, img_size // 8, 192)
     assert model.decoder.output.shape == (None, img_size, img_size, 3)
 
@@ -483,7 +493,8 @@ def test_training_run_writes_its_outputs(tiny_run):
     assert iio.imread(run / "samples_T1.0_latest.png").shape == (9 * 16, 9 * 16, 3)
     (row,) = read_log(run)
     assert set(row) == {"epoch", *FVAE.LOG_NAMES, "skipped_steps", "learning_rate",
-                        "held_out_loss", "held_out_bits_per_dim"}
+                        "held_out_loss", "held_out_bits_per_dim", "log_precision",
+                        "log_noise_scale", "noise_scale"}
     assert row["epoch"] == "1" and row["skipped_steps"] == "0"
     assert json.loads((run / "config.json").read_text())["holdout"] == 2
 
@@ -601,3 +612,41 @@ def test_real_faces_load_as_the_model_expects():
     batch = next(iter(datasets.image_dataset(files[:8], 64, 8, face_runs.scale_pixels)))
     assert batch.shape == (8, 64, 64, 3)
     assert -1.0 <= float(tf.reduce_min(batch)) < -0.5 and 0.5 < float(tf.reduce_max(batch)) <= 1.0
+
+
+# --------------------------------------------------------------------------- seeds and posterior draws
+
+def test_bits_per_dim_with_a_seed_gives_the_same_numbers_twice():
+    """`bits_per_dim(images, seed)` draws both noises from its seed, whatever the batches, and
+    leaves the model's own noise stream (training's) where it was."""
+    model = tiny_model(seed=2)
+    images = np.random.RandomState(5).randint(0, 256, (5, 16, 16, 3)).astype("uint8")
+    state = model.seed_generator.state.numpy().copy()
+    first = model.bits_per_dim(images, seed=0)
+    np.testing.assert_array_equal(model.bits_per_dim(images, seed=0), first)
+    np.testing.assert_allclose(model.bits_per_dim(images, seed=0, batch=2), first, rtol=1e-5)
+    assert not np.allclose(model.bits_per_dim(images, seed=1), first)
+    np.testing.assert_array_equal(model.seed_generator.state.numpy(), state)
+    assert first.shape == (5,) and np.all(np.isfinite(first))
+
+
+@pytest.mark.parametrize("posterior", ["flow", "gaussian"])
+def test_latent_of_a_posterior_draw_is_the_z_the_loss_scores(posterior):
+    """latent(x, noise=u) is z = F(v) of the posterior draw v that `loss_parts` scores with the
+    same u (the author's total_encoder, his random normal layer kept): its prior term is
+    0.5*sum(z^2); without noise, u = 0 (the posterior mean); `posterior_latent(x, seed)` is
+    the draw of numpy's seed."""
+    model = tiny_model(seed=4, posterior=posterior)
+    if posterior == "gaussian":
+        randomise(model.log_scale_head.weights, seed=6)
+    x = smooth_images(3, 16, seed=4)
+    u = np.random.RandomState(9).randn(3, 2, 2, 192).astype("float32")
+    for noise in (u, np.zeros_like(u)):
+        z = np.asarray(model.latent(x, noise=noise), "float64")
+        prior = 0.5 * np.sum(z ** 2, axis=1)
+        np.testing.assert_allclose(model.loss_parts(x, noise=noise)["prior"], prior, rtol=1e-5)
+    np.testing.assert_array_equal(model.latent(x), model.latent(x, noise=np.zeros_like(u)))
+    assert not np.allclose(model.latent(x, noise=u), model.latent(x), atol=1e-3)
+    drawn = np.random.RandomState(3).randn(3, 2, 2, 192).astype("float32")
+    np.testing.assert_allclose(model.posterior_latent(x, seed=3), model.latent(x, noise=drawn),
+                               atol=1e-6)

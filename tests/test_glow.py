@@ -132,6 +132,70 @@ def test_collapse_rule_remembers_the_lowest_loss_of_a_resumed_run(tmp_path):
     assert logs["collapsed"] == 1.0
 
 
+def tiny_config(**overrides):
+    return glow.Config(img_size=8, level=2, depth=1, coupling_width=8, seed=0, **overrides)
+
+
+def collapse_setup(tmp_path, config=None):
+    """A tiny Glow compiled as for training, its weights saved as the run's best, and the
+    run's CollapseRule on it."""
+    config = config or tiny_config()
+    model = glow.build_model(config)
+    model.save_weights(str(tmp_path / "best.weights.h5"))
+    (make_rule,) = glow.GLOW_RUNS.monitors
+    rule = make_rule(str(tmp_path), config)
+    rule.set_model(model)
+    return model, rule
+
+
+def test_collapse_rule_fires_after_keras_epoch_10_as_the_authors_epoch_greater_than_10(tmp_path):
+    """The author's `logs['loss'] > 0 and epoch > 10`, Keras counting epochs from 0: positive
+    losses at epochs 9 and 10 (log.csv's 10 and 11) are let through, the one at epoch 11
+    reloads; a loss of exactly 0 is not positive; a new lowest loss is never a collapse, a
+    positive loss after it is."""
+    _, rule = collapse_setup(tmp_path)
+    history = [-1.0 - epoch for epoch in range(9)] + [2.0, 3.0, 1.0, 0.0, -20.0, 4.0]
+    collapsed = []
+    for epoch, loss in enumerate(history):
+        logs = {"loss": loss}
+        rule.on_epoch_end(epoch, logs)
+        if logs.get("collapsed"):
+            collapsed.append(epoch)
+    assert collapsed == [11, 14]
+
+
+def test_collapse_rule_reloads_the_weights_but_not_the_optimiser_state(tmp_path):
+    """As the author's Keras 2 `load_weights`: the best epoch's weights come back, Adam's
+    step count and moments go on from where the collapse left them."""
+    model, rule = collapse_setup(tmp_path)
+    best = [w.numpy() for w in model.weights]
+    adam = model.optimizer
+    adam.iterations.assign(7)
+    randomise([v for v in adam.variables if v.dtype == "float32"], seed=10)  # the moments
+    randomise(model.trainable_weights, seed=11)
+    moments = {v.path: v.numpy() for v in adam.variables if v.path != adam.learning_rate.path}
+    rule.on_epoch_end(0, {"loss": -5.0})
+    logs = {"loss": 3.0}
+    rule.on_epoch_end(11, logs)
+    assert logs["collapsed"] == 1.0
+    for weight, saved in zip(model.weights, best):
+        np.testing.assert_array_equal(weight.numpy(), saved, err_msg=weight.path)
+    assert int(adam.iterations.numpy()) == 7
+    for variable in adam.variables:
+        if variable.path in moments:
+            np.testing.assert_array_equal(variable.numpy(), moments[variable.path],
+                                          err_msg=variable.path)
+
+
+def test_a_run_gives_the_collapse_rule_its_collapse_lr_not_its_lr(tmp_path):
+    model, rule = collapse_setup(tmp_path, tiny_config(lr=1e-3, collapse_lr=2e-6))
+    rule.on_epoch_end(0, {"loss": -5.0})
+    logs = {"loss": 3.0}
+    rule.on_epoch_end(11, logs)
+    assert logs["collapsed"] == 1.0
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(2e-6)
+
+
 def test_paper_configuration_parameter_count():
     """The author's 64x64 Glow (3 levels x 10 steps, width 512) counted by hand: per step an
     ActNorm (2c) and the coupling NN (3x3 c/2->512, 1x1 512->512, 3x3 512->c/2, with biases)
