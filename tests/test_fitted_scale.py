@@ -54,6 +54,26 @@ def test_the_refitted_loss_is_the_loss_at_t_x_and_lowest_at_the_fitted_scale():
                                rtol=1e-4)
 
 
+def test_the_scale_is_fitted_on_training_images_not_held_out_ones(tmp_path):
+    """t_x* = -1/2 ln(mean squared residual / D) of training images: with a decoder that outputs
+    0, grey training pixels (128, y = u/128, mean y^2 = 1/(3*128^2)) give 1/2 ln(3*128^2) = 5.40,
+    the black held-out ones (y ~ -1) would give about 0."""
+    import imageio.v3 as iio
+
+    class ZeroDecoder:
+        log_precision = np.float32(0.0)
+
+        def loss_parts(self, x):
+            squares = np.square(np.asarray(x, np.float64)).reshape(len(x), -1).sum(1)
+            return {"recon": 0.5 * squares + 0.5 * DIMS * np.log(2 * np.pi)}
+
+    for name, level in [*((f"train{i}", 128) for i in range(6)), ("zheld0", 0), ("zheld1", 0)]:
+        iio.imwrite(tmp_path / f"{name}.png", np.full((16, 16, 3), level, np.uint8))
+    config = f_vaes.Config(img_size=16, batch_size=4, holdout=2, data_dir=str(tmp_path))
+    fitted = face_runs.fitted_log_precision(ZeroDecoder(), config, seed=0)
+    assert fitted == pytest.approx(0.5 * np.log(3 * 128 ** 2), abs=0.05)
+
+
 @pytest.mark.parametrize("samples", ["1", "3"])
 def test_evaluate_reports_the_bound_at_the_fitted_scale(tiny_run, samples):  # noqa: F811
     _, run = tiny_run

@@ -49,6 +49,31 @@ def test_glows_held_out_bits_per_dim_is_its_exact_likelihood_of_the_first_held_o
     assert logged[1] == pytest.approx(expected, rel=1e-5)
 
 
+def test_every_epoch_scores_the_same_dequantisation_noise(tmp_path):
+    """The fixed noise the bound promises, so that epochs differ only by the model: what each
+    epoch's evaluation gets is bit for bit the same, y = (x + u) / 256 * 2 - 1 with u the seed's
+    numpy uniform noise (a fresh draw moves every number by up to 2/256)."""
+    import keras
+
+    seen = []
+
+    class Recording(keras.Model):
+        def evaluate(self, dataset, **kwargs):
+            seen.append(np.concatenate([np.asarray(y) for y in dataset]))
+            return {"loss": 1.0, "bits_per_dim": 1.0}
+
+    files = image_files.list_image_files(write_pictures(str(tmp_path / "pictures"), n=5))
+    bound = face_runs.HeldOutBound(files, 16, 2, seed=3)
+    bound.set_model(Recording())
+    for epoch in range(3):
+        bound.on_epoch_end(epoch, {})
+    x, _ = datasets.decode_images(files, 16)
+    u = np.random.RandomState(3).uniform(size=(5, 16, 16, 3))
+    np.testing.assert_allclose(seen[0], (x + u) / 256.0 * 2.0 - 1.0, rtol=0, atol=1e-6)
+    for later in seen[1:]:
+        np.testing.assert_array_equal(later, seen[0])
+
+
 def weights_of(path):
     with h5py.File(path, "r") as f:
         found = {}

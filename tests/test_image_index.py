@@ -233,6 +233,25 @@ def test_an_updated_index_equals_the_index_built_from_scratch(run, tmp_path, cap
     assert Index.open(str(tmp_path / "index")).meta["generation"] == 2
 
 
+def test_an_update_that_only_deletes_drops_the_deleted_photo(run, tmp_path, capsys):
+    """Nothing added or changed, one photo deleted: not "up to date"; the photo leaves the
+    index and the search results, and the index is the one built from scratch."""
+    photos = tmp_path / "photos"
+    for i in range(4):
+        write_picture(photos / f"{i}.png", seed=i)
+    Index.build(str(photos), encoder(run), str(tmp_path / "index"))
+    os.remove(photos / "2.png")
+    capsys.readouterr()
+    updated = Index.build(str(photos), encoder(run), str(tmp_path / "index"))
+    assert "0 new or changed image file(s) to encode, 3 unchanged, 1 deleted" in capsys.readouterr().out
+    assert [f.path for f in updated.files] == ["0.png", "1.png", "3.png"]
+    query = write_picture(tmp_path / "query.png", seed=2)  # the deleted photo itself
+    found = [r["file"] for r in updated.search([str(query)], k=4).records()]
+    assert sorted(os.path.basename(f) for f in found) == ["0.png", "1.png", "3.png"]
+    assert_same_index(Index.open(str(tmp_path / "index")),
+                      Index.build(str(photos), encoder(run), str(tmp_path / "scratch")))
+
+
 def test_an_unchanged_bad_file_is_not_decoded_again_but_a_changed_one_is(run, tmp_path, capsys):
     photos = tmp_path / "photos"
     write_folder(photos)

@@ -51,6 +51,17 @@ def test_the_networks_scope_restores_the_global_policy():
     assert inside.dtype_policy.name == "mixed_bfloat16" and flow.dtype_policy.name == "float32"
 
 
+def test_the_networks_scope_restores_the_global_policy_when_building_fails():
+    before = keras.config.dtype_policy().name
+    try:
+        with pytest.raises(ValueError, match="cannot be built"):
+            with precision.networks("mixed_bfloat16"):
+                raise ValueError("a layer that cannot be built")
+        assert keras.config.dtype_policy().name == before
+    finally:
+        keras.config.set_dtype_policy(before)  # the next tests start from it whatever happened
+
+
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_flow_layers_compute_in_float32_under_a_mixed_policy(policy):
     x = np.random.RandomState(0).randn(2, 4, 4, 8).astype("float32")
@@ -109,10 +120,15 @@ def test_the_fused_batch_norm_matches_keras_in_low_precision(policy):
     np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(y_fused, "float32")),
                                ops.convert_to_numpy(ops.cast(y_plain, "float32")),
                                atol=0.05 if policy == "mixed_bfloat16" else 0.005)
-    for a, b in zip(fused.non_trainable_weights, plain.non_trainable_weights):
+    for a, b, start in zip(fused.non_trainable_weights, plain.non_trainable_weights, (0.0, 1.0)):
         assert a.dtype == "float32"
         np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b),
                                    rtol=1e-2, atol=1e-3)
+        # the batch's mean and variance each moving statistic took in (momentum 0.99 from its
+        # start): both layers see the same rounded batch, so they agree to float32 round-off,
+        # and the kernel's unbiased variance, n/(n-1) = 1.0035 times Keras', must be undone
+        taken = lambda w: (ops.convert_to_numpy(w) - 0.99 * start) / 0.01  # noqa: E731
+        np.testing.assert_allclose(taken(a), taken(b), rtol=5e-4)
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
@@ -141,6 +157,50 @@ def test_a_narrow_batch_is_normalised_in_float32_under_a_mixed_policy(policy, mo
                                           ops.convert_to_numpy(ops.cast(ops.cast(y_full, low), "float32")))
             for a, b in zip(mixed.non_trainable_weights, full.non_trainable_weights):
                 np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_the_f_vaes_12_channel_maps_are_normalised_in_float32_and_16_channels_are_not(
+        policy, monkeypatch):
+    """The measured threshold (docs/precision.md) as numbers, not relative to the constant:
+    the f-VAE's narrowest batch-norm maps, 12 channels, reach the fused kernel in float32 (its
+    bfloat16 kernel is several times slower there), its 48 and 192 channels and a 16-channel
+    batch in the policy's dtype."""
+    import f_vaes
+    import speedups
+    low = policy.split("_")[1]
+    seen = {}
+    fused = speedups.BatchNormalization._fused
+    monkeypatch.setattr(speedups.BatchNormalization, "_fused", lambda self, inputs: (
+        seen.__setitem__(inputs.shape[-1], inputs.dtype) or fused(self, inputs)))
+    keras.utils.set_random_seed(0)
+    model = f_vaes.build_model(tiny_config(f_vaes, policy))
+    seen.clear()
+    model.loss_parts(np.zeros((2, 16, 16, 3), "float32"), training=True)
+    assert seen == {12: "float32", 48: low, 192: low}
+    with precision.networks(policy):
+        norm = speedups.BatchNormalization()
+    norm(ops.cast(np.ones((2, 4, 4, 16)), low), training=True)
+    assert seen[16] == low
+
+
+def test_the_commands_on_a_low_precision_run_compute_in_float32(tmp_path):
+    """`load_run` (sample, evaluate, ... on a run) builds a run trained in bfloat16 in float32:
+    bounds and pictures do not depend on the precision it trained in."""
+    import common
+    import dataclasses
+    import face_runs
+    import glow
+    config = tiny_config(glow, "mixed_bfloat16")
+    common.write_json(str(tmp_path / "config.json"), dataclasses.asdict(config))
+    trained = glow.build_model(config)
+    assert "bfloat16" in {layer.compute_dtype for layer in trained._flatten_layers()}
+    trained.save_weights(str(tmp_path / "best.weights.h5"))
+    loaded_config, model = face_runs.load_run(glow.GLOW_RUNS, str(tmp_path))
+    assert loaded_config.precision == "float32"
+    assert {layer.compute_dtype for layer in model._flatten_layers()} == {"float32"}
+    for a, b in zip(model.weights, trained.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
 
 
 def small_model(policy):
@@ -288,3 +348,15 @@ def test_evaluation_measures_a_low_precision_encoder_in_float32():
     codes, expected = feature_eval.encode(low, images, scale), feature_eval.encode(high, images, scale)
     assert codes["mu"].dtype == np.float32
     np.testing.assert_allclose(codes["mu"], expected["mu"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gpus, flags, expected", [
+    ([], {"avx2", "fma"}, "float32 (--precision auto: this CPU has no bfloat16 units)"),
+    ([], {"amx_bf16", "avx512_bf16"},
+     "mixed_bfloat16 (--precision auto: this CPU has amx_bf16 and avx512_bf16)"),
+    ([(7, 5)], {"amx_bf16"}, "float32 (--precision auto: GPU compute capabilities 7.5)"),
+])
+def test_auto_says_why_it_chose_its_policy(gpus, flags, expected):
+    """The line a run prints at its start (`precision: ...`) names what decided `auto`."""
+    assert precision.describe("auto", gpus=gpus, flags=flags) == expected
+    assert precision.describe("float32", gpus=gpus, flags=flags) == "float32"
