@@ -41,6 +41,13 @@ def centre_taps(array, shape):
     return array[top:top + lh, left:left + lw]
 
 
+def cut_to(store, variables):
+    """A Keras weights store ({"0": array, ...}, in the order of `variables`) with each array
+    cut to its variable's live taps (`centre_taps`), for `load_own_variables`."""
+    return {key: centre_taps(store[key], variables[int(key)].shape)
+            if key.isdigit() and int(key) < len(variables) else store[key] for key in store.keys()}
+
+
 def dead_taps(model):
     """How many kernel numbers `model`'s SameConv2D layers leave out, against the whole
     kernels of the same model built with keras.layers.Conv2D (as the author's code does)."""
@@ -117,9 +124,7 @@ class SameConv2D(keras.layers.Conv2D):
 
     def load_own_variables(self, store):
         variables = self._trainable_variables + self._non_trainable_variables
-        super().load_own_variables({key: centre_taps(store[key], variables[int(key)].shape)
-                                    if key.isdigit() and int(key) < len(variables) else store[key]
-                                    for key in store.keys()})
+        super().load_own_variables(cut_to(store, variables))
 
     def convolution_op(self, inputs, kernel):
         h, w = inputs.shape[1:3]
@@ -213,10 +218,7 @@ class FusedAdam(keras.optimizers.Adam):
     def load_own_variables(self, store):
         """Keras' loading, with the moments of a kernel saved whole cut to the taps its
         layer keeps (`SameConv2D`)."""
-        variables = self.variables
-        super().load_own_variables({key: centre_taps(store[key], variables[int(key)].shape)
-                                    if key.isdigit() and int(key) < len(variables) else store[key]
-                                    for key in store.keys()})
+        super().load_own_variables(cut_to(store, self.variables))
 
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or not hasattr(variable, "handle"):
