@@ -7,6 +7,8 @@ same faces with the same batch size and steps, compared at the same checkpoints.
                                             # and the VAE, Glow for the f-VAE's wall time
     python compare.py --preset paper        # the paper's sizes, for a GPU
     python compare.py --preset long --report    # the outputs of what is trained so far
+    python compare.py --preset calibrated   # the reduced f-VAE, learnt and calibrated t_x
+    python compare.py --preset calibrated-vae    # the reduced VAE, the same
 
 Each model is an ordinary run of its own script in `--out`/fvae, /glow and /vae (resumable;
 the same command continues all three). The models take turns, an epoch each. In the long
@@ -41,6 +43,7 @@ width 512 (9,417,660); VAE 11 residual steps (8,707,874).
 import dataclasses
 import gc
 import os
+import shutil
 import sys
 import time
 
@@ -74,6 +77,18 @@ PRESETS = {
     "long": dict(img_size=32, batch_size=32, steps_per_epoch=1000, epochs=16, samples=16,
                  model_steps_per_epoch={"glow": 125}, wall_time_of={"glow": "fvae"},
                  models=REDUCED_MODELS),
+    # the decoder scale (docs/model.md): the reduced f-VAE with the author's learnt t_x and with
+    # t_x calibrated to the batch's optimum, the same seed and steps; every checkpoint kept
+    "calibrated": dict(img_size=32, batch_size=32, steps_per_epoch=2000, epochs=8, samples=16,
+                       keep_checkpoints=True,
+                       models={"fvae": REDUCED_MODELS["fvae"],
+                               "fvae_calibrated": [*REDUCED_MODELS["fvae"],
+                                                   "--decoder-scale", "calibrated"]}),
+    "calibrated-vae": dict(img_size=32, batch_size=32, steps_per_epoch=2000, epochs=4, samples=16,
+                           keep_checkpoints=True,
+                           models={"vae": REDUCED_MODELS["vae"],
+                                   "vae_calibrated": [*REDUCED_MODELS["vae"],
+                                                      "--decoder-scale", "calibrated"]}),
     # a smoke test of every output (tests/test_compare.py), not an experiment
     "tiny": dict(img_size=16, batch_size=4, steps_per_epoch=2, epochs=2, samples=4,
                  models={"fvae": ["--level", "2", "--depth", "1", "--res-steps", "1",
@@ -81,8 +96,10 @@ PRESETS = {
                          "glow": ["--level", "2", "--depth", "1", "--coupling-width", "8"],
                          "vae": ["--level", "2", "--res-steps", "1", "--posterior", "gaussian"]}),
 }
-SCRIPTS = {"fvae": f_vaes, "glow": glow, "vae": f_vaes}
-MODELS = {"fvae": f_vaes.FVAE_RUNS, "glow": glow.GLOW_RUNS, "vae": f_vaes.FVAE_RUNS}
+SCRIPTS = {"fvae": f_vaes, "glow": glow, "vae": f_vaes, "fvae_calibrated": f_vaes,
+           "vae_calibrated": f_vaes}
+MODELS = {name: glow.GLOW_RUNS if script is glow else f_vaes.FVAE_RUNS
+          for name, script in SCRIPTS.items()}
 
 
 def train_argv(preset, name, args):
@@ -133,7 +150,7 @@ def turns(preset, rows):
     until none has; the caller appends each epoch's row to `rows` before the next. The turns
     go on from the model after the last one scored, so that a resumed comparison keeps the
     order of an uninterrupted one (an epoch cut short is the first to finish)."""
-    names = list(SCRIPTS)
+    names = list(preset["models"])
     start = names.index(rows[-1]["model"]) + 1 if rows else 0
     order = names[start:] + names[:start]
     trained = True
@@ -163,9 +180,12 @@ def compare(args):
         common.write_json(results_path, results)
         write_tables(args.out, results["rows"])  # progress: the tables and curves so far
     write_outputs(args.out, results, preset)
-    for name in ("fvae", "vae"):
-        run_script(f_vaes, ["reconstruct", "--out", os.path.join(args.out, name),
-                            "--weights", "latest", "--rows", "4", "--cols", "6"])
+    if args.quality_features:
+        score_quality(preset, args)
+    for name in preset["models"]:
+        if SCRIPTS[name] is f_vaes:
+            run_script(f_vaes, ["reconstruct", "--out", os.path.join(args.out, name),
+                                "--weights", "latest", "--rows", "4", "--cols", "6"])
     return results
 
 
@@ -196,6 +216,10 @@ def train_and_score(preset, name, epoch, args, results, results_path):
     run_script(script, ["evaluate", "--out", run_dir, "--weights", "latest",
                         "--samples", str(samples), "--seed", "0"])
     evaluated = common.read_json(os.path.join(run_dir, "evaluate.json"))
+    if preset.get("keep_checkpoints"):  # for measures computed later (sample quality)
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        shutil.copyfile(os.path.join(run_dir, "latest.weights.h5"), os.path.join(
+            run_dir, "checkpoints", f"step{epoch * steps:06d}.weights.h5"))
     before = [r["seconds"] for r in results["rows"]
               if r["model"] == name and r["epoch"] == epoch - 1 and "seconds" in r]
     return {"model": name, "epoch": epoch, "steps": epoch * steps,
@@ -223,7 +247,8 @@ def trainable_parameters(face_model, run_dir):
     return count
 
 
-NAMES = {"fvae": "f-VAE", "glow": "Glow", "vae": "VAE"}
+NAMES = {"fvae": "f-VAE", "glow": "Glow", "vae": "VAE", "fvae_calibrated": "f-VAE, calibrated t_x",
+         "vae_calibrated": "VAE, calibrated t_x"}
 
 
 def line_label(name, samples, fitted=False):
@@ -320,7 +345,7 @@ def tables(rows, models):
 def write_tables(out, rows):
     """compare.md (the tables) and bits_per_dim.png (the curves) of the scored epochs `rows`;
     the tables' text."""
-    models = list(SCRIPTS)
+    models = [name for name in SCRIPTS if any(r["model"] == name for r in rows)]
     text = tables(rows, models)
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write(text)
@@ -339,8 +364,8 @@ def write_outputs(out, results, preset):
     epochs = sorted({r["epoch"] for r in rows})
     print(write_tables(out, rows))
     blocks = []
-    for name, face_model in MODELS.items():
-        run_dir = os.path.join(out, name)
+    for name in preset["models"]:
+        face_model, run_dir = MODELS[name], os.path.join(out, name)
         if not os.path.exists(os.path.join(run_dir, "latest.weights.h5")):
             continue
         _, model = face_runs.load_run(face_model, run_dir, "latest")
@@ -355,15 +380,124 @@ def write_outputs(out, results, preset):
         monitor.log_picture(out, "samples", np.concatenate(blocks), len(epochs))
 
 
+# =========================================================================== sample quality
+
+def checkpoints(preset, out):
+    """(model, step, weights file) of every checkpoint the preset kept, else of each model's
+    latest weights (step: the weights' own count)."""
+    found = []
+    for name in preset["models"]:
+        folder = os.path.join(out, name, "checkpoints")
+        if os.path.isdir(folder):
+            found += [(name, int(f[4:10]), os.path.join(folder, f)) for f in sorted(os.listdir(folder))
+                      if f.startswith("step") and f.endswith(".weights.h5")]
+        elif os.path.exists(os.path.join(out, name, "latest.weights.h5")):
+            found.append((name, None, os.path.join(out, name, "latest.weights.h5")))
+    return found
+
+
+def score_quality(preset, args):
+    """quality.json, quality.md and quality.png: every checkpoint's samples at T = 1.0 and 0.8
+    scored against the held-out faces (`face_runs.quality_scores`: sharpness, and in the
+    features of --quality-features the Frechet distance and k-NN precision and recall), with
+    the training faces' scores (the floor); kept in their own file, so that scoring can run
+    beside the training that writes compare.json."""
+    from training.checkpoint import load_weights
+    path = os.path.join(args.out, "quality.json")
+    scored = common.read_json(path) if os.path.exists(path) else {
+        "features": args.quality_features, "samples": args.quality_samples, "rows": []}
+    if (scored["features"], scored["samples"]) != (args.quality_features, args.quality_samples):
+        raise common.UsageError(f"{path} holds scores with --quality-features "
+                                f"{scored['features']!r} and --quality-samples {scored['samples']}: "
+                                "give the same, or remove the file")
+    features = None
+    for name, step, weights in checkpoints(preset, args.out):
+        if any(r["model"] == name and r["file"] == weights for r in scored["rows"]):
+            continue
+        config, model = face_runs.load_run(MODELS[name], os.path.join(args.out, name), "latest")
+        load_weights(model, weights)
+        features = features or face_runs.infomax_features(args.quality_features, config.img_size)
+        step = int(model.optimizer.iterations.numpy()) if step is None else step
+        print(f"--- sample quality: {name} at step {step}", flush=True)
+        quality = face_runs.quality_scores(model, config, features, args.quality_samples,
+                                           seed=args.seed)
+        scored["rows"].append({"model": name, "steps": step, "file": weights, **quality})
+        common.write_json(path, scored)
+        keras.backend.clear_session()
+        gc.collect()
+    write_quality_outputs(args.out, scored)
+    return scored
+
+
+QUALITY_MEASURES = ("sharpness", "frechet_distance", "precision", "recall")
+
+
+def quality_table(scored):
+    """quality.md: per model and step, each measure at T = 1.0 and 0.8; the floor first."""
+    rows = sorted(scored["rows"], key=lambda r: (list(SCRIPTS).index(r["model"]), r["steps"]))
+    sets = [k for k in rows[0] if k.startswith("T")] if rows else []
+    header = "| model | steps | " + " | ".join(f"{m} {t}" for t in sets for m in QUALITY_MEASURES)
+    lines = [f"Samples: {scored['samples']} per temperature, against the "
+             f"{rows[0]['reference_images'] if rows else 0} held-out faces; features: "
+             f"{scored['features']}. The floor: as many training faces, scored the same way.", "",
+             header + " |", "|---" * (2 + len(sets) * len(QUALITY_MEASURES)) + "|"]
+    if rows:
+        floor = rows[0]["training faces"]
+        lines.append("| training faces (floor) | | " + " | ".join(
+            f"{floor.get(m, float('nan')):.3f}" for _ in sets for m in QUALITY_MEASURES) + " |")
+    for r in rows:
+        lines.append(f"| {NAMES[r['model']]} | {r['steps']} | " + " | ".join(
+            f"{r[t].get(m, float('nan')):.3f}" for t in sets for m in QUALITY_MEASURES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality(scored):
+    """quality.png: each measure against steps, a line per model and temperature, the floor
+    dotted."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    figure, axes = pyplot.subplots(1, len(QUALITY_MEASURES), figsize=(14, 3.4))
+    models = [m for m in SCRIPTS if any(r["model"] == m for r in scored["rows"])]
+    for axis, measure in zip(axes, QUALITY_MEASURES):
+        for name in models:
+            mine = sorted((r for r in scored["rows"] if r["model"] == name), key=lambda r: r["steps"])
+            for t, style in (("T1.0", "-"), ("T0.8", "--")):
+                values = [r[t].get(measure) for r in mine]
+                if any(v is not None for v in values):
+                    axis.plot([r["steps"] for r in mine], values, style, marker="o",
+                              label=f"{NAMES[name]}, {t.replace('T', 'T = ')}")
+        floor = scored["rows"][0]["training faces"].get(measure) if scored["rows"] else None
+        if floor is not None:
+            axis.axhline(floor, color="grey", linestyle=":", label="training faces (floor)")
+        axis.set_title(measure.replace("_", " "), fontsize=9)
+        axis.set_xlabel("training steps")
+    axes[-1].legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def write_quality_outputs(out, scored):
+    with open(os.path.join(out, "quality.md"), "w") as f:
+        f.write(quality_table(scored))
+    figure = plot_quality(scored)
+    figure.savefig(os.path.join(out, "quality.png"), dpi=100)
+    from matplotlib import pyplot
+    pyplot.close(figure)
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=cli.DefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
                         help="reduced: 32x32, 2,000 steps, about 90 minutes on 2 shared CPU cores; "
                              "long: the reduced models, 16,000 steps, Glow for the f-VAE's "
-                             "wall time; paper: the paper's sizes (a GPU); tiny: a smoke test")
+                             "wall time; paper: the paper's sizes (a GPU); calibrated, "
+                             "calibrated-vae: the reduced f-VAE (16,000 steps) or VAE (8,000) "
+                             "with learnt and with calibrated t_x; tiny: a smoke test")
     parser.add_argument("--data-dir", default=None,
-                        help="the faces (default: the shared 64x64 CelebA folder)")
+                        help="the faces (default: data/celeba_64x64, as tools/prepare_faces.py "
+                             "writes it)")
     parser.add_argument("--out", default=None, help="default: runs/compare-<preset>")
     parser.add_argument("--holdout", type=int, default=500,
                         help="the last N files of the sorted folder, the same for every model")
@@ -373,10 +507,21 @@ def parse_args(argv=None):
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write compare.md, bits_per_dim.png, samples.png and "
                              "the reconstructions from what --out holds (e.g. after Ctrl-C)")
+    parser.add_argument("--quality-features", default=None, metavar="ENCODER",
+                        help="after training (or with --report): score every kept checkpoint's "
+                             "samples in the features of this Deep InfoMax encoder (a run "
+                             "folder of infomax.py --dataset folder on the training faces): "
+                             "quality.json, quality.md, quality.png")
+    parser.add_argument("--quality-samples", type=int, default=2000, metavar="N",
+                        help="samples per temperature (and training faces) of --quality-features")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"compare-{args.preset}")
-    args.data_dir = args.data_dir or os.path.relpath(face_runs.DEFAULT_DATA[64])
+    if not args.data_dir:
+        args.data_dir = os.path.relpath(face_runs.DEFAULT_DATA[64])
+        if not os.path.isdir(args.data_dir):
+            raise common.UsageError(face_runs.missing_faces(args.data_dir, 64))
     cli.check_at_least(args, 1, "holdout")
+    cli.check_at_least(args, 10, "quality_samples")
     if not os.path.isdir(args.data_dir):
         raise common.UsageError(f"--data-dir {args.data_dir!r}: no such folder (a folder of "
                                 "PNG/JPEG faces)")

@@ -76,12 +76,18 @@ class Config(FaceRunSettings):
     posterior: str = option("flow", "flow: the f-VAE; gaussian: the paper's first special case, "
                             "a VAE with posterior N(E(x), diag(sigma(x)^2)) from the same encoder "
                             "and decoder (no flow)", choices=("flow", "gaussian"))
+    decoder_scale: str = option("learnt", "learnt: the decoder's log-precision t_x is a weight "
+                                "trained by Adam (the author's model); calibrated: every "
+                                "training step sets it to the batch's optimum t_x* = "
+                                "-1/2 ln(mean squared residual) (the sigma-VAE of Rybkin et "
+                                "al. 2021; docs/model.md)", choices=("learnt", "calibrated"))
 
     # A resumed run must keep these (latent_channels: compared only with runs that saved it;
     # earlier runs have 192)
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout",
-                  "latent_channels", "posterior")
-    ADDED_KEYS = ("latent_channels", "posterior")  # absent from runs saved before they existed
+                  "latent_channels", "posterior", "decoder_scale")
+    ADDED_KEYS = ("latent_channels", "posterior", "decoder_scale")  # absent from older runs
+    ASSUMED_BEFORE = {"decoder_scale": "learnt"}  # what a run saved before the key existed had
 
 
 def check_config(c):
@@ -168,14 +174,36 @@ def fvae_loss(x, reconstruction, noise, flow_latent, flow_logdet, log_precision,
     """
     dims = int(np.prod(x.shape[1:]))
     latent_dims = int(np.prod(noise.shape[1:]))
-    sum_per_example = lambda t: ops.sum(ops.reshape(t, (ops.shape(t)[0], -1)), axis=-1)  # noqa: E731
     recon = (0.5 * sum_per_example(ops.square(ops.exp(log_precision) * (reconstruction - x)))
              + 0.5 * LOG_2PI * dims - dims * log_precision)
     prior = 0.5 * sum_per_example(ops.square(flow_latent))
     entropy = -0.5 * sum_per_example(ops.square(noise)) - latent_dims * log_noise_scale
     loss = recon + prior + entropy - flow_logdet
     return {"loss": loss, "recon": recon, "prior": prior, "entropy": entropy,
-            "flow_logdet": flow_logdet, "bits_per_dim": bits_per_dim(loss, dims)}
+            "flow_logdet": flow_logdet, "bits_per_dim": bits_per_dim(loss, dims),
+            "squared_error": squared_error(x, reconstruction)}
+
+
+def sum_per_example(t):
+    return ops.sum(ops.reshape(t, (ops.shape(t)[0], -1)), axis=-1)
+
+
+def squared_error(x, reconstruction):
+    """sum((G(v) - x)^2) per example: what the decoder scale is fitted to (`evaluate`) and
+    calibrated on (`calibrated_log_precision`)."""
+    return sum_per_example(ops.square(reconstruction - x))
+
+
+def calibrated_log_precision(x, reconstruction):
+    """t_x* = -1/2 ln(mean squared residual over every number of the global batch), the decoder
+    log-precision that minimises the batch's summed reconstruction term
+    0.5*exp(2t)*sum(r^2) - N*D*t (+ const) (the sigma-VAE's optimal sigma, Rybkin et al.
+    2021), as a constant: no gradient flows through it. None needs to: at t_x* the loss's
+    derivative in t is 0, so by the envelope theorem the gradient of every other weight is
+    the same with or without the path through t_x* (docs/model.md)."""
+    total = distribute.replica_sum(ops.sum(ops.square(reconstruction - x)))
+    count = distribute.replica_sum(ops.cast(ops.size(x), "float32"))
+    return ops.stop_gradient(-0.5 * ops.log(ops.maximum(total / count, 1e-12)))
 
 
 def general_posterior_loss(log_likelihood, latent, noise, posterior_logdet):
@@ -196,11 +224,12 @@ class FVAE(guards.GuardedModel):
     """E, G, F and the two scalars t_x (log_precision) and s_u (log_noise_scale), trained on
     the mean of `loss_parts`' loss (guards.GuardedModel: non-finite steps are skipped)."""
 
-    LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim")
+    LOG_NAMES = ("loss", "recon", "prior", "entropy", "flow_logdet", "bits_per_dim",
+                 "squared_error")
 
     def __init__(self, img_size, level=4, depth=12, res_steps=12, coupling_width=256, seed=0,
                  sync_bn=False, latent_channels=LATENT_CHANNELS, posterior="flow",
-                 precision="float32", **kwargs):
+                 precision="float32", decoder_scale="learnt", **kwargs):
         super().__init__(dtype=full_precision(), **kwargs)  # the loss, t_x and s_u: float32
         self.img_size = img_size
         self.latent_dims = int(np.prod(latent_shape(img_size, latent_channels)))  # d (D at 192)
@@ -217,7 +246,12 @@ class FVAE(guards.GuardedModel):
             self.log_scale_head = keras.layers.Conv2D(latent_channels, 1,  # a log-determinant
                                                       kernel_initializer="zeros",
                                                       name="log_scale_head")
-        self.log_precision = self.add_weight(shape=(), initializer="zeros", name="log_precision")
+        # calibrated: set by every training step (so not trained, the same on every replica),
+        # fixed for evaluation: the held-out bound is then a bound at one given t_x
+        self.calibrated = decoder_scale == "calibrated"
+        self.log_precision = self.add_weight(
+            shape=(), initializer="zeros", name="log_precision", trainable=not self.calibrated,
+            aggregation="only_first_replica" if self.calibrated else "none")
         self.log_noise_scale = self.add_weight(shape=(), initializer="zeros",
                                                name="log_noise_scale")
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -237,15 +271,24 @@ class FVAE(guards.GuardedModel):
             flow_latent, _ = self.flow(v)
             # log|det dv/du| = sum(log sigma(x)) = d*s_u (fvae_loss's entropy term) + the
             # head's sum, which takes the flow log-determinant's place (z = v)
-            head_logdet = ops.sum(ops.reshape(log_scale - self.log_noise_scale,
+            flow_logdet = ops.sum(ops.reshape(log_scale - self.log_noise_scale,
                                               (ops.shape(h)[0], -1)), axis=-1)
-            return fvae_loss(x, reconstruction, noise, flow_latent, head_logdet,
-                             self.log_precision, self.log_noise_scale)
-        v = ops.exp(self.log_noise_scale) * noise + h
-        reconstruction = to_float32(self.decoder(v, training=training))
-        flow_latent, flow_logdet = self.flow(v)
+        else:
+            v = ops.exp(self.log_noise_scale) * noise + h
+            reconstruction = to_float32(self.decoder(v, training=training))
+            flow_latent, flow_logdet = self.flow(v)
         return fvae_loss(x, reconstruction, noise, flow_latent, flow_logdet,
-                         self.log_precision, self.log_noise_scale)
+                         self.decoder_log_precision(x, reconstruction, training),
+                         self.log_noise_scale)
+
+    def decoder_log_precision(self, x, reconstruction, training):
+        """t_x of the loss: the trained weight (learnt), or in a calibrated model's training
+        step the batch's t_x*, kept in the weight for evaluation and for log.csv."""
+        if not (self.calibrated and training):
+            return self.log_precision
+        log_precision = calibrated_log_precision(x, reconstruction)
+        self.log_precision.assign(log_precision)
+        return log_precision
 
     def call(self, x, training=False):
         return self.loss_parts(x, training=training)
@@ -320,7 +363,7 @@ def build_model(config, verbose=False):
     with `verbose`, its parameter counts printed."""
     model = FVAE(config.img_size, config.level, config.depth, config.res_steps,
                  config.coupling_width, config.seed, config.sync_bn, config.latent_channels,
-                 config.posterior, config.precision,
+                 config.posterior, config.precision, config.decoder_scale,
                  name="vae" if config.posterior == "gaussian" else "fvae")
     return face_runs.compile_model(model, config, parameter_report if verbose else None)
 

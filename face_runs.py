@@ -43,15 +43,17 @@ from training.precision import wrap_optimizer
 from training.run import RunSettings, fit_run, prepare_run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = {64: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_64x64"),
-                128: os.path.join(HERE, "..", "shared", "data", "celeba", "celeba_fsrnet_128x128")}
+# the faces `tools/prepare_faces.py` writes into the clone (docs/data.md)
+DEFAULT_DATA = {64: os.path.join(HERE, "data", "celeba_64x64"),
+                128: os.path.join(HERE, "data", "celeba_128x128")}
 
 
 @dataclasses.dataclass
 class FaceRunSettings(RunSettings):
     """The schedule and data of the author's face scripts (f-VAEs.py, and glow.py's Config)."""
-    data_dir: str = option("", "folder of PNG/JPEG faces, searched recursively (default: the "
-                           "shared CelebA folder for --img-size 64 or 128, if present)")
+    data_dir: str = option("", "folder of PNG/JPEG faces, searched recursively (default: "
+                           "data/celeba_64x64 or data/celeba_128x128 in the clone, for "
+                           "--img-size 64 or 128, as tools/prepare_faces.py writes them)")
     lr: float = option(1e-4, "Adam learning rate")
     epochs: int = option(1000, "train until this epoch")
     steps_per_epoch: int = option(1000, "steps between checkpoints, sample grids and CSV lines")
@@ -425,12 +427,12 @@ def command_evaluate(args, config, model):
             dims = config.img_size ** 2 * 3
             results["log_precision"] = float(ops.convert_to_numpy(model.log_precision))
             results["sampled_reconstruction_rmse"] = sampled_reconstruction_rmse(
-                results["recon"], dims, results["log_precision"])
+                results["squared_error"], dims)
             results["fitted_log_precision"] = fitted_log_precision(model, config, args.seed)
-            refit = lambda loss, recon: refitted_loss(  # noqa: E731
-                loss, recon, dims, results["log_precision"], results["fitted_log_precision"])
+            refit = lambda loss, recon, squares: refitted_loss(  # noqa: E731
+                loss, recon, squares, dims, results["fitted_log_precision"])
             loss = (np.mean(iwae_bound(refit(*draws))) if samples > 1
-                    else refit(results["loss"], results["recon"]))
+                    else refit(results["loss"], results["recon"], results["squared_error"]))
             results["loss_fitted_t_x"] = float(loss)
             results["bits_per_dim_fitted_t_x"] = float(bits_per_dim(loss, dims))
     print(f"evaluated {len(files)} images ({config.img_size}x{config.img_size}, dequantised "
@@ -444,10 +446,85 @@ def command_evaluate(args, config, model):
                  "bits_per_dim_fitted_t_x"):
         if results.get(name) is not None:
             print(f"  {name:13s} {results[name]:.4f}")
+    quality = {}
+    if getattr(args, "quality_samples", 0):
+        features = infomax_features(args.features, config.img_size) if args.features else None
+        quality = quality_scores(model, config, features, args.quality_samples,
+                                 seed=args.seed, spectra_path=os.path.join(args.out, "spectra.png"))
+        print(f"sample quality against the {quality['reference_images']} held-out faces "
+              "(sharpness: high-frequency share / the held-out faces'; frechet_distance, "
+              f"precision, recall: in the features of {args.features or '(no --features)'}):")
+        for name, numbers in quality.items():
+            if isinstance(numbers, dict):
+                print(f"  {name:15s} " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
-                       **{k: None if v is None else float(v) for k, v in results.items()}})
+                       **{k: None if v is None else float(v) for k, v in results.items()},
+                       **({"quality": quality, "quality_features": args.features}
+                          if quality else {})})
     return results
+
+
+QUALITY_TEMPERATURES = (1.0, 0.8)
+
+
+def quality_scores(model, config, features=None, samples=2000, temperatures=QUALITY_TEMPERATURES,
+                   seed=0, spectra_path=None):
+    """Sample quality against the run's held-out faces (the reference: seen by neither the
+    model nor, trained on training faces, the feature encoder): for `samples` samples at each
+    temperature, and for as many training faces (the floor: real faces score this), the
+    sharpness (`sample_quality.high_frequency_ratio`, 1.0 = as sharp as the reference) and,
+    with `features` (uint8 images -> (N, F)), the Frechet distance and k-NN precision and
+    recall in those features. {"training faces": {...}, "T1.0": {...}, ...}; the radial
+    spectra plotted to `spectra_path` if given."""
+    import sample_quality
+    files, held_out = split_files(image_files.list_image_files(config.data_dir), config.holdout)
+    reference = uint8_images(held_out, config.img_size)
+    if len(reference) < 4:
+        raise UsageError(f"--quality-samples: the run holds out {len(reference)} readable "
+                         "image(s); the sample-quality measures need at least 4 (k-NN with "
+                         "k = 3; a run trained with a larger --holdout)")
+    picks = np.random.RandomState(seed).choice(len(files), min(samples, len(files)), replace=False)
+    sets = {"training faces": uint8_images([files[i] for i in np.sort(picks)], config.img_size)}
+    for t in temperatures:
+        sets[f"T{t}"] = pictures.to_uint8(sample_images(model, samples, t, seed))
+    reference_features = features(reference) if features else None
+    spectra = {"held-out faces": sample_quality.radial_power_spectrum(reference)}
+    scores = {}
+    for name, images in sets.items():
+        spectra[name] = sample_quality.radial_power_spectrum(images)
+        scores[name] = {"images": len(images), "sharpness": sample_quality.high_frequency_share(
+            spectra[name][1]) / sample_quality.high_frequency_share(spectra["held-out faces"][1])}
+        if features:
+            mine = features(images)
+            precision, recall = sample_quality.precision_recall(reference_features, mine)
+            scores[name].update(frechet_distance=sample_quality.frechet_distance(
+                reference_features, mine), precision=precision, recall=recall)
+    if spectra_path:
+        sample_quality.plot_spectra(spectra, spectra_path)
+    return {"reference_images": len(reference), **scores}
+
+
+def uint8_images(files, img_size):
+    """The readable ones of `files` as uint8 images (N, S, S, 3), rounded after resizing."""
+    files, _ = image_files.find_readable_images(files, img_size, verbose=False)
+    return np.stack([np.asarray(image_files.load_image(path, img_size)).astype(np.uint8)
+                     for path in files])
+
+
+def infomax_features(encoder_folder, img_size):
+    """uint8 images -> mu of the Deep InfoMax encoder in `encoder_folder` (a run folder of
+    `infomax.py`, or a shipped encoder's name), resized to the size it was trained at."""
+    import infomax  # the encoder's builder lives with its script; only this command needs it
+    encoder, encoder_config = infomax.load_encoder(encoder_folder)
+
+    def features(images):
+        if encoder_config.img_size != img_size:
+            images = pictures.to_uint8(tf.image.resize(
+                tf.constant(images, tf.float32), (encoder_config.img_size,) * 2,
+                method="area").numpy(), (0.0, 255.0))
+        return np.asarray(infomax.embed(images, encoder, encoder_config), np.float64)
+    return features
 
 
 FIT_IMAGES = 1000  # training images that set the fitted decoder scale t_x*
@@ -472,27 +549,21 @@ def dequantised_images(files, img_size, batch_size):
     return datasets.image_dataset(files, img_size, batch_size, lambda x: x).map(dequantise)
 
 
-def squared_residuals(recon, dims, log_precision):
-    """sum((G(v) - x)^2) per image, from the reconstruction term of the loss at the decoder's
-    log-precision t_x: recon = 0.5*exp(2 t_x)*sum(r^2) + 0.5*D*log(2pi) - D*t_x."""
-    recon = np.asarray(recon, np.float64)
-    return 2.0 * (recon - 0.5 * dims * LOG_2PI + dims * log_precision) * np.exp(-2.0 * log_precision)
-
-
-def sampled_reconstruction_rmse(recon, dims, log_precision):
+def sampled_reconstruction_rmse(squared_error, dims):
     """Root mean squared error of the sampled reconstructions G(v), v a posterior draw, against
-    the dequantised images (as the loss scores them), in pixel values 0..255: read back from
-    the mean reconstruction term. Early in training it can be below G(E(x))'s: while the
+    the dequantised images (as the loss scores them), in pixel values 0..255, from the mean of
+    the loss's `squared_error` part. Early in training it can be below G(E(x))'s: while the
     posterior noise outweighs E(x), the decoder has only ever seen noisy v (and its batch-norm
     statistics were gathered on them), so the mean alone is an input unlike any it learnt on."""
-    return float(np.sqrt(squared_residuals(recon, dims, log_precision) / dims) * 255.0 / 2.0)
+    return float(np.sqrt(squared_error / dims) * 255.0 / 2.0)
 
 
-def refitted_loss(loss, recon, dims, log_precision, fitted):
-    """The loss with its reconstruction term at log-precision `fitted` instead of t_x (the
-    other terms do not depend on t_x), per image and sample."""
-    squares = squared_residuals(recon, dims, log_precision)
-    refit = 0.5 * np.exp(2.0 * fitted) * squares + 0.5 * dims * LOG_2PI - dims * fitted
+def refitted_loss(loss, recon, squared_error, dims, fitted):
+    """The loss with its reconstruction term at log-precision `fitted` instead of the model's
+    (the other terms do not depend on t_x), per image and sample, from the loss parts `recon`
+    and `squared_error` = sum((G(v) - x)^2)."""
+    refit = (0.5 * np.exp(2.0 * fitted) * np.asarray(squared_error, np.float64)
+             + 0.5 * dims * LOG_2PI - dims * fitted)
     return np.asarray(loss, np.float64) - np.asarray(recon, np.float64) + refit
 
 
@@ -507,8 +578,7 @@ def fitted_log_precision(model, config, seed, images=FIT_IMAGES):
     files, _ = image_files.find_readable_images([files[i] for i in picks], config.img_size,
                                                 verbose=False)
     dims = config.img_size ** 2 * 3
-    t_x = float(ops.convert_to_numpy(model.log_precision))
-    squares = [squared_residuals(ops.convert_to_numpy(model.loss_parts(x)["recon"]), dims, t_x)
+    squares = [np.asarray(ops.convert_to_numpy(model.loss_parts(x)["squared_error"]), np.float64)
                for x in dequantised_images(files, config.img_size, config.batch_size)]
     return float(-0.5 * np.log(np.mean(np.concatenate(squares)) / dims))
 
@@ -538,9 +608,10 @@ def iwae_bound(losses):
 def importance_weighted(model, dataset, samples):
     """Mean IWAE bound over the images of `dataset` with `samples` posterior draws each, as
     the `loss` and `bits_per_dim` of evaluate (the other parts: their mean over the draws);
-    and the draws' (loss, recon), each (K, N), for the bound at a refitted decoder scale."""
+    and the draws' (loss, recon, squared_error), each (K, N), for the bound at a refitted
+    decoder scale (None where the model has no such part)."""
     bounds, parts = [], {name: [] for name in model.LOG_NAMES if name not in ("loss", "bits_per_dim")}
-    kept = {"loss": [], "recon": []}
+    kept = {"loss": [], "recon": [], "squared_error": []}
     for x in dataset:
         draws = [model.loss_parts(x) for _ in range(samples)]  # a new u each call
         bounds.append(iwae_bound([ops.convert_to_numpy(d["loss"]) for d in draws]))
@@ -681,6 +752,16 @@ def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")
+    commands["evaluate"].add_argument("--quality-samples", type=int, default=0, metavar="N",
+                                      help="also measure N samples at T = 1.0 and 0.8 (and N "
+                                           "training faces, the floor) against the held-out "
+                                           "faces: sharpness, and with --features the Frechet "
+                                           "distance and k-NN precision and recall (0: off; "
+                                           "docs/model.md)")
+    commands["evaluate"].add_argument("--features", default=None, metavar="ENCODER",
+                                      help="a Deep InfoMax run folder (infomax.py --dataset "
+                                           "folder on the training faces) whose mu are the "
+                                           "features of --quality-samples")
     commands["evaluate"].add_argument("--samples", type=int, default=1, metavar="K",
                                       help="posterior samples per image: K > 1 gives the "
                                            "importance-weighted bound, tighter than the ELBO")
@@ -697,6 +778,9 @@ def parse_args(face_model, argv=None):
     add_run_command_flags(commands, face_model.temperatures)
     args = parser.parse_args(argv)
     cli.check_at_least(args, 1, *[f for f in ("rows", "cols", "samples") if hasattr(args, f)])
+    if 0 < getattr(args, "quality_samples", 0) < 10 or getattr(args, "quality_samples", 0) < 0:
+        raise UsageError(f"--quality-samples {args.quality_samples}: expected 0 (off) or at "
+                         "least 10 (k-NN precision and recall need more points than k = 3)")
     return args
 
 
@@ -709,9 +793,17 @@ def train_config(face_model, args):
     return resolve_run_data(config, out), out
 
 
+def missing_faces(folder, img_size):
+    """The one line for a missing default face folder: what to download, what prepares it."""
+    return (f"--data-dir: no faces at {folder} (the default for --img-size {img_size}): download "
+            "CelebA's img_align_celeba.zip (mmlab.ie.cuhk.edu.hk/projects/CelebA.html), then "
+            f"`python tools/prepare_faces.py img_align_celeba.zip {folder} --size {img_size}`, "
+            "or give --data-dir, any folder of PNG/JPEG faces")
+
+
 def resolve_run_data(config, out):
-    """`config` with the data folder (the flag, else the run's, else the shared faces of that
-    size; kept relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of the run to
+    """`config` with the data folder (the flag, else the run's, else the clone's prepared faces
+    of that size; kept relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of the run to
     train in `out` resolved."""
     saved_path = os.path.join(out, "config.json")
     saved = (common.read_run_json(saved_path, cli.config_kinds(type(config)))
@@ -719,6 +811,9 @@ def resolve_run_data(config, out):
     data_dir = (config.data_dir or saved.get("data_dir")
                 or (os.path.relpath(DEFAULT_DATA[config.img_size])
                     if config.img_size in DEFAULT_DATA else None))
+    if not config.data_dir and not saved.get("data_dir") and config.img_size in DEFAULT_DATA \
+            and not os.path.isdir(data_dir):
+        raise UsageError(missing_faces(data_dir, config.img_size))
     if not data_dir or not os.path.isdir(data_dir):
         raise UsageError(f"--data-dir {config.data_dir or data_dir!r}: no such folder (give "
                          "--data-dir, a folder of PNG/JPEG images)")

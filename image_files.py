@@ -141,7 +141,7 @@ def _gif_header_size(f):
     return width, height, max(pixels, width * height)
 
 
-def _decode_rgb(path):
+def decode_rgb(path):
     """File → uint8 (h, w, 3). Greyscale and RGBA become RGB; 16-bit PNGs are scaled to 8 bits."""
     data = tf.io.read_file(path)
     image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
@@ -163,7 +163,12 @@ def load_image(path, img_size):
     and round it to 8-bit values 0..255, as the author's `imresize` returned uint8 (so that
     the dequantisation noise and bits/dim are those of 8-bit images); half to even, as
     `pictures.to_uint8` rounds."""
-    image = centre_square(_decode_rgb(path))
+    return square_resized(decode_rgb(path), img_size)
+
+
+def square_resized(image, img_size):
+    """`load_image` of an already decoded uint8 (h, w, 3) image."""
+    image = centre_square(image)
     image = tf.image.resize(tf.cast(image, tf.float32), (img_size, img_size), method="area",
                             antialias=True)
     return tf.round(tf.clip_by_value(image, 0.0, 255.0))
@@ -193,7 +198,7 @@ def find_readable_images(files, img_size=None, verbose=True):
     if decoded:
         def check(index, path):
             # the very function training uses, so that a file that passes cannot fail mid-epoch
-            image = _decode_rgb(path) if img_size is None else load_image(path, img_size)
+            image = decode_rgb(path) if img_size is None else load_image(path, img_size)
             return index, tf.reduce_max(image)  # a value, not a shape: the decode must run
 
         ok = tf.data.Dataset.zip((tf.data.Dataset.range(len(decoded)),

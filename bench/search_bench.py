@@ -26,9 +26,9 @@ codes takes. Prints the numbers and the commands; no number is asserted.
    Then, if faiss is installed, its inverted-file index of the same codes: build time,
    recall@10 against the exact search, query times (the synthetic clusters are far apart,
    so this recall flatters: see 4).
-4. Recall on real codes: `Index.build(..., approximate=True)` of a real folder (default:
-   the shared Tiny ImageNet subset, ../shared/data/tiny-imagenet-200, 6,200 JPEGs of its
-   train and val splits; 64 px, untrained encoder), which measures the approximate index's
+4. Recall on real codes, with --real-folder: `Index.build(..., approximate=True)` of a real
+   folder (e.g. 6,200 JPEGs of Tiny ImageNet's train and val splits; 64 px, untrained
+   encoder), which measures the approximate index's
    recall@10 against the exact search on 200 of its own images.
 
 Generated images and codes go to a temporary folder under /tmp (removed unless --keep).
@@ -54,8 +54,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as infomax.py sets it
 
 DATASET_OF_SIZE = {32: "cifar10", 64: "tiny-imagenet"}
 PARTS = ("throughput", "memory", "search", "recall")
-# real JPEG images for the approximate index's recall: the shared Tiny ImageNet subset (6,200)
-REAL_FOLDER = os.path.join(os.path.dirname(ROOT), "shared", "data", "tiny-imagenet-200")
 
 
 def fail(message):
@@ -293,8 +291,9 @@ def main():
     parser.add_argument("--blas-threads", nargs="+", default=["all", "1"],
                         help="time the exact search with these OPENBLAS_NUM_THREADS settings "
                              "(all: OpenBLAS' default)")
-    parser.add_argument("--real-folder", default=REAL_FOLDER,
-                        help="a real image folder whose approximate index's recall is measured")
+    parser.add_argument("--real-folder", default=None,
+                        help="a real image folder whose approximate index's recall is measured "
+                             "(e.g. the tiny-imagenet-200 folder; none: not measured)")
     parser.add_argument("--real-size", type=int, default=64, choices=[32, 64],
                         help="image size of the encoder indexing --real-folder")
     parser.add_argument("--tmp", default=None, help="where generated files go (default: a new "

@@ -46,7 +46,9 @@ class FlowStep(FlowLayer):
 
 class FactorOut(FlowLayer):
     """End of a level: split (x1, x2); x2 -> CondActNorm conditioned on x1 -> flattened and set
-    aside; x1 -> Squeeze, to the next level. Returns (next_x, set_aside, logdet)."""
+    aside; x1 -> Squeeze, to the next level. `(next_x, set_aside), logdet = factor_out(x)`, the
+    flow layers' `(y, logdet)` with y a pair (as SplitChannels'); `inverse((next_x, set_aside))`
+    undoes it."""
 
     def __init__(self, shape, squeeze=True, **kwargs):
         super().__init__(**kwargs)
@@ -61,9 +63,10 @@ class FactorOut(FlowLayer):
         x2, logdet = self.cond_norm([x2, x1])
         set_aside, _ = self.flatten(x2)
         x = self.squeeze(x1)[0] if self.squeeze else x1
-        return x, set_aside, logdet
+        return (x, set_aside), logdet
 
-    def inverse(self, x, set_aside):
+    def inverse(self, y):
+        x, set_aside = y
         x1 = self.squeeze.inverse(x) if self.squeeze else x
         x2 = self.cond_norm.inverse([self.flatten.inverse(set_aside), x1])
         return self.split.inverse([x1, x2])
@@ -117,7 +120,7 @@ class MultiScaleFlow(FlowLayer):
                 x, step_logdet = step(x)
                 logdet = logdet + step_logdet
             if factor_out is not None:
-                x, part, part_logdet = factor_out(x)
+                (x, part), part_logdet = factor_out(x)
                 set_aside.append(part)
                 logdet = logdet + part_logdet
         x, norm_logdet = self.final_norm(x)
@@ -130,7 +133,7 @@ class MultiScaleFlow(FlowLayer):
         for (squeeze, steps, factor_out), part in zip(reversed(list(self.levels())),
                                                       [None] + parts[-2::-1]):
             if factor_out is not None:
-                x = factor_out.inverse(x, part)
+                x = factor_out.inverse((x, part))
             for step in reversed(steps):
                 x = step.inverse(x)
             if squeeze is not None:

@@ -24,7 +24,8 @@ from training.monitor import count_parameters
 def counts(preset):
     """Trainable parameters of the preset's three models, built from their command lines."""
     found = {}
-    for name, face_model in compare.MODELS.items():
+    for name in compare.PRESETS[preset]["models"]:
+        face_model = compare.MODELS[name]
         args = face_runs.parse_args(face_model, [
             *compare.PRESETS[preset]["models"][name],
             "--img-size", str(compare.PRESETS[preset]["img_size"]), "--seed", "0", "--out", "unused"])
@@ -90,6 +91,15 @@ def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
     assert (out / "compare.json").read_text() == before
     assert (out / "compare.md").read_text() == table
     assert iio.imread(out / "samples.png").shape == shape
+    # sample quality of the latest weights (the tiny preset keeps no checkpoints), once
+    quality = [*argv, "--report", "--quality-features", "dim-cifar10", "--quality-samples", "10"]
+    assert compare.main(quality) == 0
+    scored = json.load(open(out / "quality.json"))
+    assert sorted(r["model"] for r in scored["rows"]) == ["fvae", "glow", "vae"]
+    assert all(r["steps"] == 4 and 0 <= r["T0.8"]["recall"] <= 1 for r in scored["rows"])
+    assert "| training faces (floor) |" in (out / "quality.md").read_text()
+    assert iio.imread(out / "quality.png").ndim == 3
+    assert compare.main(quality) == 0 and json.load(open(out / "quality.json")) == scored
 
 
 def test_report_of_an_empty_comparison_is_a_one_line_error(tmp_path, capsys):
@@ -101,6 +111,14 @@ def test_report_of_an_empty_comparison_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--report" in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "c" / "compare.json")
+
+
+def test_the_calibrated_presets_differ_only_in_the_decoder_scale():
+    for preset, name in (("calibrated", "fvae"), ("calibrated-vae", "vae")):
+        models = compare.PRESETS[preset]["models"]
+        assert models[f"{name}_calibrated"] == [*models[name], "--decoder-scale", "calibrated"]
+        assert models[name] == compare.REDUCED_MODELS[name]
+        assert compare.PRESETS[preset]["keep_checkpoints"]
 
 
 def test_the_long_preset_trains_glow_for_the_f_vaes_wall_time():

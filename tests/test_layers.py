@@ -369,7 +369,7 @@ def test_multiscale_flow_logdet_matches_autodiff_jacobian(squeeze_first):
     np.testing.assert_allclose(logdet.numpy(), jacobian_logdet(lambda t: flow(t)[0], x),
                                atol=1e-4)
     level_input = flow.squeezes[0](x)[0] if squeeze_first else x
-    _, _, share = flow.factor_outs[0](flow.steps[0](level_input)[0])
+    _, share = flow.factor_outs[0](flow.steps[0](level_input)[0])
     assert np.all(np.abs(share.numpy()) > 1e-2)
 
 
@@ -558,3 +558,19 @@ def test_fused_batch_norm_equals_keras_batch_norm(shape):
     np.testing.assert_allclose(fused(x, training=False), plain(x, training=False), rtol=1e-5,
                                atol=1e-5)
     assert fused.name.startswith("batch_normalization")  # weights files keep their paths
+
+
+@pytest.mark.parametrize("squeeze", [True, False])
+def test_factor_out_keeps_the_flow_layers_shape(squeeze):
+    """`(next_x, set_aside), logdet = factor_out(x)` and `factor_out.inverse((next_x,
+    set_aside))` gives x back, as every flow piece's `(y, logdet)`."""
+    from layers import FactorOut
+    rng = np.random.RandomState(8)
+    x = tf.constant(rng.randn(3, 4, 4, 8).astype("float32"))
+    factor_out = FactorOut((4, 4, 8), squeeze=squeeze)
+    factor_out(x)
+    randomize(factor_out, rng=rng)
+    (next_x, set_aside), logdet = factor_out(x)
+    assert logdet.shape == (3,) and set_aside.shape == (3, 4 * 4 * 4)
+    assert next_x.shape == ((3, 2, 2, 16) if squeeze else (3, 4, 4, 4))
+    assert max_err(factor_out.inverse((next_x, set_aside)), x) < 1e-4  # float32 round-off

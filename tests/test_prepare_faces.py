@@ -46,3 +46,22 @@ def test_missing_folder_is_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: SOURCE")
+
+
+def test_a_zip_file_gives_what_its_unpacked_folder_gives(tmp_path):
+    """CelebA comes as img_align_celeba.zip: its members are read in place, and the folder they
+    share is left out of the written paths, so the JPEGs are those of the unpacked folder."""
+    import zipfile
+    folder = tmp_path / "img_align_celeba"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("000001.jpg", "000002.png"):
+        imageio.imwrite(folder / name, rng.integers(0, 256, (109, 89, 3), dtype=np.uint8))
+    with zipfile.ZipFile(tmp_path / "img_align_celeba.zip", "w") as archive:
+        for name in ("000001.jpg", "000002.png"):
+            archive.write(folder / name, f"img_align_celeba/{name}")
+    assert prepare_faces.prepare(str(tmp_path / "img_align_celeba.zip"), str(tmp_path / "z"),
+                                 32)[:2] == (2, 0)
+    assert prepare_faces.prepare(str(folder), str(tmp_path / "f"), 32)[:2] == (2, 0)
+    for name in ("000001.jpg", "000002.jpg"):
+        assert (tmp_path / "z" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()

@@ -200,3 +200,19 @@ def test_infomax_encoder_exports_and_encodes_a_folder(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "codes.npy"), expected, atol=1e-4)
     assert [r["file"] for r in csv.DictReader(open(tmp_path / "codes.csv"))] == sorted(
         os.listdir(pictures))
+
+
+def test_no_code_outside_the_tests_reads_the_projects_private_folder():
+    """Users have no ../shared: only the tests and CI may pass it as --data-dir."""
+    import glob
+    import re
+    pattern = re.compile(r"""\.\./shared|["']\.\.["'],\s*["']shared["']|dirname\(ROOT\), "shared\"""")
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py"))
+                       + glob.glob(os.path.join(ROOT, "*", "*", "*.py"))):
+        if os.sep + "tests" + os.sep in path:
+            continue
+        for number, line in enumerate(open(path, encoding="utf-8"), 1):
+            if pattern.search(line):
+                found.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

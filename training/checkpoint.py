@@ -35,14 +35,15 @@ def config_differences(saved, config, keys):
             for k in keys if saved.get(k) != config.get(k)]
 
 
-def check_run_config(run_dir, config, must_match, added=()):
+def check_run_config(run_dir, config, must_match, added=(), assumed=None):
     """Save the run's configuration beside its weights, or check a resumed run against it,
     before anything is written: against config.json, or, if that is gone, against the model
     configuration stored inside the run's weights files. A damaged or hand-edited config.json
     or state.json is a UsageError naming the file and the key, and stays as it is.
 
     `must_match` lists the keys that change the model (a resumed run must use the same);
-    those in `added` may be absent from runs saved before they existed.
+    those in `added` may be absent from runs saved before they existed, and are then compared
+    as the values of `assumed` ({key: what runs saved before the key had}) where it names them.
     Returns what the previous command saved in config.json ({} if none).
     """
     path = os.path.join(run_dir, "config.json")
@@ -54,7 +55,8 @@ def check_run_config(run_dir, config, must_match, added=()):
         source, saved = saved_model_config(run_dir)
     if os.path.exists(os.path.join(run_dir, "state.json")):
         read_state(os.path.join(run_dir, "state.json"))
-    diffs = config_differences(saved, config, [k for k in must_match if k in saved])
+    compared = {**(assumed or {}), **saved} if saved else saved
+    diffs = config_differences(compared, config, [k for k in must_match if k in compared])
     if diffs:
         raise UsageError(f"{source} holds another model: " + "; ".join(diffs)
                          + " (use another --out, or the same flags)")

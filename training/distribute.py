@@ -173,6 +173,16 @@ def replica_share(batch_mean):
     return batch_mean / replicas if replicas > 1 else batch_mean
 
 
+def replica_sum(value):
+    """The sum of `value` over the replicas (all-reduced in a replica context of several
+    replicas): a statistic of the global batch, the same on every replica. On one device it is
+    `value` itself."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
 def replica_draw(draw, shape):
     """Random numbers for this replica's part of the batch, cut from one draw for the global batch.
 

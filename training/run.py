@@ -171,7 +171,8 @@ def prepare_run(config, out, model_keys, per_replica_minimum=1, load_data=None):
         check_global_batch(config.batch_size, strategy, per_replica_minimum)
         data = load_data() if load_data else None
         before = check_run_config(run_dir, dataclasses.asdict(config), must_match=model_keys,
-                                  added=getattr(config, "ADDED_KEYS", ()))
+                                  added=getattr(config, "ADDED_KEYS", ()),
+                                  assumed=getattr(config, "ASSUMED_BEFORE", None))
     except BaseException:
         if lock is not None:
             lock.release()
