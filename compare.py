@@ -27,7 +27,10 @@ which) and samples.png (a block per model, samples at T = 0.8 and 1.0 from the s
 labelled with the step of the weights). compare.md and bits_per_dim.png are rewritten after
 every scored epoch; samples.png when all are done, or with `--report`, which trains nothing.
 The two VAEs' reconstructions of held-out faces are written into their run folders (real
-faces never leave them).
+faces never leave them). The presets but `paper` keep every checkpoint's weights
+(`<model>/checkpoints/stepNNNNNN.weights.h5`); with `--quality-features ENCODER` each is
+scored for sample quality after training, or with `--report` (quality.json, quality.md,
+quality.png; docs/model.md, "Sample quality").
 
 Sizes (trainable parameters as the author's models store them, each preset matched within
 15 % of its f-VAE; counted here and in tests/test_compare.py; the f-VAE's couplings on 1x1
@@ -71,12 +74,12 @@ PRESETS = {
                   models={"fvae": [], "glow": ["--depth", "12", "--coupling-width", "1536"],
                           "vae": ["--res-steps", "122", "--posterior", "gaussian"]}),
     "reduced": dict(img_size=32, batch_size=32, steps_per_epoch=200, epochs=10, samples=16,
-                    models=REDUCED_MODELS),
+                    keep_checkpoints=True, models=REDUCED_MODELS),
     # the reduced models long enough for the decoder scale t_x to settle: the f-VAE and the VAE
     # 16,000 steps, Glow (about 9 f-VAE steps a step) for the f-VAE's training time
     "long": dict(img_size=32, batch_size=32, steps_per_epoch=1000, epochs=16, samples=16,
                  model_steps_per_epoch={"glow": 125}, wall_time_of={"glow": "fvae"},
-                 models=REDUCED_MODELS),
+                 keep_checkpoints=True, models=REDUCED_MODELS),
     # the decoder scale (docs/model.md): the reduced f-VAE with the author's learnt t_x and with
     # t_x calibrated to the batch's optimum, the same seed and steps; every checkpoint kept
     "calibrated": dict(img_size=32, batch_size=32, steps_per_epoch=2000, epochs=8, samples=16,

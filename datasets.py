@@ -164,8 +164,8 @@ def load_cifar10(data_dir=None):
             raise UsageError(
                 f"--dataset cifar10: not in {CIFAR_LOCAL[0]} and Keras could not download it "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download "
-                "cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) and pass it as "
-                "--data-dir, or a cifar-10-batches-py folder") from None
+                "cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) and pass "
+                "--data-dir with it, or with a cifar-10-batches-py folder") from None
         return (x_train, y_train.reshape(-1)), (x_test, y_test.reshape(-1))
 
     candidates = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,6 +19,7 @@ from conftest import ROOT, SHARED_DATA
 from test_same_weights import write_pictures
 import cli
 import f_vaes
+import common
 import face_runs
 import image_files
 import infomax
@@ -48,22 +50,26 @@ def fvae_run(tmp_path_factory):
     return home, home / "runs" / "fvae16", pictures, result
 
 
-def test_f_vae_trains_as_typed_into_its_default_run_folder(fvae_run):
+def test_f_vae_trains_as_typed_into_its_default_run_folder(fvae_run, monkeypatch):
     home, run, _, _ = fvae_run
     for name in ("latest.weights.h5", "best.weights.h5", "log.csv", "config.json",
                  "samples_T1.0_latest.png", "loss_curves.png"):
         assert (run / name).is_file(), name
-    # the card's command without --data-dir takes the shared faces, by a relative path
-    if not os.path.isdir(os.path.join(SHARED_DATA, "celeba")):
-        pytest.skip(f"no shared faces at {SHARED_DATA} (the default --data-dir)")
+    # the card's command without --data-dir takes the clone's prepared faces, by a relative
+    # path; without them one line says what to download and which command prepares them
+    faces = home / "clone" / "data" / "celeba_64x64"
+    monkeypatch.setattr(face_runs, "DEFAULT_DATA", {64: str(faces), 128: str(faces) + "x"})
     fvae = f_vaes.FVAE_RUNS
     args = face_runs.parse_args(fvae, ["--img-size", "64", "--out", str(home / "elsewhere")])
+    with pytest.raises(common.UsageError, match="img_align_celeba.zip.*tools/prepare_faces.py "
+                                                "img_align_celeba.zip .*celeba_64x64 --size 64"):
+        face_runs.train_config(fvae, args)
+    faces.mkdir(parents=True)
+    iio.imwrite(faces / "000001.png", np.zeros((64, 64, 3), np.uint8))
     config, out = face_runs.train_config(fvae, args)
     assert not os.path.isabs(config.data_dir)
-    assert os.path.samefile(config.data_dir, os.path.join(SHARED_DATA, "celeba", "celeba_64x64"))
+    assert os.path.samefile(config.data_dir, faces)
     assert out == str(home / "elsewhere")
-    config, _ = face_runs.train_config(fvae, face_runs.parse_args(fvae, ["--img-size", "128"]))
-    assert config.data_dir.endswith(os.path.join("celeba", "celeba_fsrnet_128x128"))
 
 
 def test_help_and_errors_start_quietly():
