@@ -2,25 +2,19 @@
 noise away, against values worked out by hand (bfloat16 keeps 8 significant bits: near 1 its
 step is 2^-7, so an added 0.001 is lost and an added 0.01 is not), and on a trained run."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import load_experiment
 from test_same_weights import write_pictures
 from test_user_facing import TINY_FVAE
 import f_vaes
 
 
 def load_script():
-    path = os.path.join(ROOT, "experiments", "bf16_noise.py")
-    spec = importlib.util.spec_from_file_location("bf16_noise", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_experiment("bf16_noise")
 
 
 def test_lost_share_counts_the_numbers_bfloat16_rounds_back_to_h():

@@ -2,13 +2,12 @@
 five pictures at the sizes their layouts give, and the table of every epoch."""
 
 import csv
-import importlib.util
 import os
 import shutil
 
 import imageio.v3 as iio
 
-from conftest import ROOT
+from conftest import load_experiment
 from test_same_weights import write_pictures
 from test_user_facing import TINY_FVAE
 import common
@@ -16,11 +15,7 @@ import f_vaes
 
 
 def load_script():
-    path = os.path.join(ROOT, "experiments", "fvae64_pictures.py")
-    spec = importlib.util.spec_from_file_location("fvae64_pictures", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_experiment("fvae64_pictures")
 
 
 def copy_checkpoint(run, folder):
