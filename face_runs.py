@@ -34,6 +34,7 @@ import common
 import datasets
 import image_files
 import pictures
+import sample_quality
 from cli import option
 from common import UsageError
 from speedups import FusedAdam
@@ -477,7 +478,6 @@ def quality_scores(model, config, features=None, samples=2000, temperatures=QUAL
     with `features` (uint8 images -> (N, F)), the Frechet distance and k-NN precision and
     recall in those features. {"training faces": {...}, "T1.0": {...}, ...}; the radial
     spectra plotted to `spectra_path` if given."""
-    import sample_quality
     files, held_out = split_files(image_files.list_image_files(config.data_dir), config.holdout)
     reference = uint8_images(held_out, config.img_size)
     if len(reference) < 4:
