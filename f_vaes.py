@@ -137,7 +137,7 @@ def build_encoder(img_size, res_steps, sync_bn=False, latent_channels=LATENT_CHA
     for block, channels in enumerate((12, 48, 192)):
         x, _ = Squeeze(2, name=f"squeeze_{block}")(x)
         for step in range(res_steps):
-            x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
+            x = ResidualStep(channels, sync_bn, name=f"encoder_block{block}_res{step}")(x)
     if latent_channels != LATENT_CHANNELS:
         x = keras.layers.Conv2D(latent_channels, 1, name="to_latent")(x)
     return keras.Model(image, x, name="encoder")
@@ -152,7 +152,7 @@ def build_decoder(img_size, res_steps, sync_bn=False, latent_channels=LATENT_CHA
         x = keras.layers.Conv2D(LATENT_CHANNELS, 1, name="from_latent")(x)
     for block, channels in enumerate((192, 48, 12)):
         for step in range(res_steps):
-            x = ResidualStep(channels, sync_bn, name=f"block{block}_res{step}")(x)
+            x = ResidualStep(channels, sync_bn, name=f"decoder_block{block}_res{step}")(x)
         x, _ = UnSqueeze(2, name=f"unsqueeze_{block}")(x)
     return keras.Model(v, ops.tanh(x), name="decoder")
 

@@ -129,6 +129,21 @@ def test_at_init_encoder_is_three_squeezes_and_decoder_tanh_of_three_unsqueezes(
     assert float(model.log_precision) == 0.0 and float(model.log_noise_scale) == 0.0
 
 
+def test_a_weight_path_tells_the_encoder_from_the_decoder():
+    """E's and G's residual steps are named after their network (encoder_block0_res0,
+    decoder_block0_res0), so that every weight path (TensorBoard's histograms, a debugger)
+    is the model's once; weights files do not store these names (Keras keys them by class),
+    so files saved under the old shared names load (tests/test_runs_before_redesign.py,
+    tests/test_run_before_live_weights.py)."""
+    model = tiny_model()
+    paths = [w.path for w in model.weights]
+    assert len(paths) == len(set(paths))
+    assert all(w.path.startswith("encoder_") for w in model.encoder.weights
+               if "res" in w.path), [w.path for w in model.encoder.weights][:4]
+    assert all(w.path.startswith("decoder_") for w in model.decoder.weights
+               if "res" in w.path), [w.path for w in model.decoder.weights][:4]
+
+
 def test_at_init_the_flow_only_permutes_and_its_logdet_is_zero():
     """ActNorm, CondActNorm and the coupling's last conv start at zero: F(v) is a
     rearrangement of v's numbers (the permutations, splits and squeezes) and log|det| = 0."""
