@@ -2,7 +2,8 @@
 
 Loaders return uint8 images (N, S, S, 3) and int labels (N,) (-1 when unknown), a training
 and a test split. Training streams are functions of their position (`stream_order`): the
-same seed gives the same batches, and a resumed run reads on exactly where it stopped.
+same seed gives the same batches, and a resumed run reads on exactly where it stopped. Their
+order has a random key of its own, apart from the model's noise (`order_key`).
 """
 
 import glob
@@ -16,37 +17,84 @@ import tensorflow as tf
 import keras
 
 import image_files
-from common import UsageError
+from common import UsageError, read_run_json
 from image_files import load_image
+from training.checkpoint import saved_model_config
 from training.distribute import shard_by_data
 
 
 # --------------------------------------------------------------------------- training streams
 
-def stream_order(count, seed, start=0):
+# A run's `data_order`: how its passes are shuffled (`order_key`). A run keeps the one it
+# started with (`run_data_order`).
+OWN_STREAM = "own-stream"    # keys no noise draw takes
+SHARED_SEED = "shared-seed"  # the keys of runs saved before the data order had its own
+DATA_ORDERS = (OWN_STREAM, SHARED_SEED)
+
+
+def order_key(seed, pass_number, own_stream=True):
+    """The stateless seed pair that shuffles pass `pass_number` of the stream of `seed`:
+    [seed, 2^32 + pass] with `own_stream`, else [seed, pass].
+
+    A model's noise comes from Keras: the k-th draw of a `keras.random.SeedGenerator(seed)` is
+    the pair [seed, k], and `keras.utils.set_random_seed(seed)` seeds Python's generator, from
+    which the global SeedGenerator and the initialisers draw their seeds (NumPy's and
+    TensorFlow's global seeds besides, which key no stateless op). Keras hands every pair to
+    TensorFlow as two int32 numbers in [0, 2^31 - 2) (its backend reduces them modulo
+    2^31 - 2), and TensorFlow keys a stateless op on the pair's two 64-bit words: a second
+    word from 2^32 on is a key that no noise draw of any run, whatever its seed, can take.
+    [seed, pass] is the key of runs saved before: there pass k's shuffle and noise draw k
+    came from the same random numbers.
+    """
+    pass_number = tf.cast(pass_number, tf.int64)
+    return tf.stack([tf.constant(int(seed), tf.int64),
+                     pass_number + 2**32 if own_stream else pass_number])
+
+
+def stream_order(count, seed, start=0, own_stream=True):
     """Indices 0..count-1, pass after pass, each pass a fresh permutation that depends only on
-    (seed, pass number), from position `start` (the number of items training has used).
+    (seed, pass number), from position `start` (the number of items training has used), keyed
+    by `order_key` (`own_stream` False: the shared key of runs saved before).
 
     The stream is a function of its position, not of the process: a run resumed after
     `start` items sees exactly what an uninterrupted run saw next, and getting there costs
     one permutation, not a replay of every earlier pass.
     """
     first_pass, offset = divmod(int(start), int(count))
-    seed = tf.constant(int(seed), tf.int64)
 
     def one_pass(number):
-        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64),
-                                                         seed=tf.stack([seed, number]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=order_key(seed, number, own_stream))
         return tf.data.Dataset.from_tensor_slices(order)
 
     return tf.data.Dataset.range(first_pass, 2**62).flat_map(one_pass).skip(offset)
 
 
-def image_stream(files, img_size, batch_size, scale, seed, start=0):
+def run_data_order(run_dir):
+    """The `data_order` of the run to train in `run_dir`: the one its config.json names (if
+    that is gone, the model configuration its weights record). A run saved before the data
+    order had its own key lacks it and keeps the shared key, so that it resumes with the
+    batches it would have had; a new run gets its own stream."""
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(path):
+        saved = read_run_json(path, {"data_order": (str, False)})
+    else:
+        path, saved = saved_model_config(run_dir)
+        if not saved:
+            return OWN_STREAM
+    order = saved.get("data_order", SHARED_SEED)
+    if order not in DATA_ORDERS:
+        raise UsageError(f"{path}: key 'data_order' is {order!r}, expected one of "
+                         f"{', '.join(DATA_ORDERS)}; damaged or edited by hand? repair it, or "
+                         "move the run folder away")
+    return order
+
+
+def image_stream(files, img_size, batch_size, scale, seed, start=0, own_stream=True):
     """Training batches of image files in `stream_order` (reshuffled every pass, as the
     author's stream), decoded in parallel in a fixed order, from image number `start`."""
     paths = tf.constant(files)
-    ds = stream_order(len(files), seed, start)
+    ds = stream_order(len(files), seed, start, own_stream)
     ds = ds.map(lambda i: scale(load_image(tf.gather(paths, i), img_size)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -60,12 +108,12 @@ def finish_stream(ds, first_step=0):
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
 
 
-def array_stream(images, batch_size, scale, seed, start=0):
+def array_stream(images, batch_size, scale, seed, start=0, own_stream=True):
     """Training batches of `scale(images)` (uint8 in memory) in `stream_order`, a new
     permutation every pass, from image number `start`: a resumed run sees what an
     uninterrupted one would, and every worker of a cluster makes the same global batches."""
     images = tf.constant(images)
-    order = stream_order(len(images), seed, start)
+    order = stream_order(len(images), seed, start, own_stream)
     order = order.batch(batch_size, drop_remainder=True)  # a fixed batch size for the compiled step
     ds = order.map(lambda i: scale(tf.gather(images, i)),
                    num_parallel_calls=tf.data.AUTOTUNE)

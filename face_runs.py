@@ -64,6 +64,7 @@ class FaceRunSettings(RunSettings):
                                    "(held_out_bits_per_dim; 0: off)")
     seed: int = option(-1, "seed of permutations, initial weights and noise (-1: draw one, saved "
                        "with the run)")
+    data_order: str = datasets.OWN_STREAM  # no flag: the run folder decides (`resolve_run_data`)
 
 
 COMMANDS = {"train": "train a run, or resume the one in --out (the default command)",
@@ -264,13 +265,17 @@ def train(face_model, config, out):
         def stream(images_seen):  # a function of its position in the data: resumes exactly
             # (and the same on every worker of a cluster: each keeps its part of every batch)
             return datasets.image_stream(train_files, config.img_size, config.batch_size,
-                                         scale_pixels, config.seed, start=images_seen)
+                                         scale_pixels, config.seed, start=images_seen,
+                                         own_stream=config.data_order == datasets.OWN_STREAM)
 
         scored, _ = image_files.find_readable_images(  # an unreadable file is left out
             held_out[:config.held_out_images], config.img_size, verbose=False)
         held_out_bound = ([HeldOutBound(scored, config.img_size, config.batch_size, config.seed)]
                           if scored else [])
-        return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
+        # the weights record the data order too: a run saved with its own stream never
+        # resumes into the shared one, even without its config.json
+        return fit_run(run, config, (*model_keys, "data_order"), build_seeded, stream,
+                       config.steps_per_epoch,
                        monitors=[*held_out_bound,
                                  *(make(run.dir, config) for make in face_model.monitors)],
                        callbacks=[SampleGrids(run.dir, seed=config.seed,
@@ -803,8 +808,8 @@ def missing_faces(folder, img_size):
 
 def resolve_run_data(config, out):
     """`config` with the data folder (the flag, else the run's, else the clone's prepared faces
-    of that size; kept relative), the hold-out (-1: 5 %) and the seed (-1: drawn once) of the run to
-    train in `out` resolved."""
+    of that size; kept relative), the hold-out (-1: 5 %), the seed (-1: drawn once) and the data
+    order (`datasets.run_data_order`) of the run to train in `out` resolved."""
     saved_path = os.path.join(out, "config.json")
     saved = (common.read_run_json(saved_path, cli.config_kinds(type(config)))
              if os.path.exists(saved_path) else {})
@@ -825,7 +830,7 @@ def resolve_run_data(config, out):
     if config.seed < 0:
         config = dataclasses.replace(config, seed=saved.get(
             "seed", int(np.random.randint(0, 2**31 - 1))))
-    return config
+    return dataclasses.replace(config, data_order=datasets.run_data_order(out))
 
 
 RUN_COMMANDS = {"sample": command_sample, "sweep": command_sweep,

@@ -104,9 +104,13 @@ class Config(RunSettings):
                               "training images as the memory bank and N/5 test queries (0: off)",
                               metavar="N")
     pixel_range: tuple = None    # the model's pixel range, from the dataset (docs/model.md)
+    data_order: str = datasets.OWN_STREAM  # no flag: the run folder decides (`train`)
 
-    MODEL_KEYS = ("dataset", "img_size", "z_dim", "local_size")  # a resumed run keeps these
-    ADDED_KEYS = ("local_size",)  # absent from runs saved before it existed (they have 4)
+    # a resumed run keeps these; runs saved before local_size existed lack it (they have 4),
+    # and those saved before data_order existed had the shared key
+    MODEL_KEYS = ("dataset", "img_size", "z_dim", "local_size", "data_order")
+    ADDED_KEYS = ("local_size", "data_order")
+    ASSUMED_BEFORE = {"data_order": datasets.SHARED_SEED}
 
     @property
     def loss_weights(self):
@@ -152,11 +156,12 @@ def pixel_scale(config):
     return lambda images: to_model_pixels(images, config.pixel_range)
 
 
-def training_stream(images, batch_size, pixel_range, seed, start=0):
+def training_stream(images, batch_size, pixel_range, seed, start=0, own_stream=True):
     """Training batches of model pixels from uint8 `images`, reshuffled every pass, from image
     number `start` of the stream (`datasets.array_stream`)."""
     return datasets.array_stream(images, batch_size,
-                                 lambda x: to_model_pixels(x, pixel_range), seed, start)
+                                 lambda x: to_model_pixels(x, pixel_range), seed, start,
+                                 own_stream)
 
 
 def load_data(config):
@@ -410,8 +415,11 @@ class SaveEncoder(keras.callbacks.Callback):
 
 
 def train(config, out, evaluation):
-    """Train (or resume) the run in `out`, then evaluate its encoder (metrics, pictures) as
-    `evaluation` (an Evaluation) says."""
+    """Train (or resume) the run in `out` (in the data order it started with,
+    `datasets.run_data_order`), then evaluate its encoder (metrics, pictures) as `evaluation`
+    (an Evaluation) says."""
+    config = dataclasses.replace(config, data_order=datasets.run_data_order(out))
+
     def checked_data():
         training_set, test_set = load_data(config)
         if len(training_set[0]) < config.batch_size:
@@ -437,7 +445,8 @@ def train(config, out, evaluation):
 
         def stream(images_seen):
             return training_stream(training_set[0], config.batch_size, config.pixel_range,
-                                   config.seed, start=images_seen)
+                                   config.seed, start=images_seen,
+                                   own_stream=config.data_order == datasets.OWN_STREAM)
 
         monitors = []
         if config.monitor_knn and (training_set[1] >= 0).all() and len(test_set[0]):

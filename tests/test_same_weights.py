@@ -8,6 +8,10 @@ f-VAE's coupling kernels on 1x1 maps were cut to their live centre taps, the rec
 made again (`record PREVIOUS.npz`, on an AMD EPYC with AVX2 only), after checking that those
 kernels and their moments were the only arrays that moved by more than the two CPUs' round-off
 (and tests/test_run_before_live_weights.py pins the centre taps against the code before).
+When the data order got a random key of its own (datasets.order_key), new runs train on
+other batches: the fingerprints were recorded again with that code (2026-12-07, AMD EPYC,
+AVX2 only), keeping the round-off arrays of the recording before, after checking that the
+old key still gives the recorded weights (tests/test_random_streams.py pins both keys).
 
 How close is "the same" on another machine? oneDNN picks other kernels on another CPU, which
 sum in another order, and after a few Adam steps (which turn a gradient's sign, however small,
