@@ -28,6 +28,7 @@ def test_lost_share_counts_the_numbers_bfloat16_rounds_back_to_h():
     assert script.lost_share(h, noise, 1.0) == 0.0
 
 
+@pytest.mark.slow
 def test_it_measures_a_run(tmp_path):
     data = write_pictures(str(tmp_path / "faces"), n=16)
     run = str(tmp_path / "run")

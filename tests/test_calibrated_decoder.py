@@ -140,6 +140,7 @@ def train(folder, run, *flags, epochs=1):
         return f_vaes.main(argv)
 
 
+@pytest.mark.slow
 def test_calibrated_run_trains_logs_resumes_and_evaluates(folder, tmp_path):
     run = tmp_path / "run"
     assert train(folder, run, "--decoder-scale", "calibrated") == 0
@@ -154,6 +155,7 @@ def test_calibrated_run_trains_logs_resumes_and_evaluates(folder, tmp_path):
 
 @pytest.mark.parametrize("first, then", [((), ("--decoder-scale", "calibrated")),
                                          (("--decoder-scale", "calibrated"), ())])
+@pytest.mark.slow
 def test_a_run_resumes_only_with_its_own_decoder_scale(folder, tmp_path, first, then, capsys):
     run = tmp_path / "run"
     assert train(folder, run, *first) == 0
@@ -165,6 +167,7 @@ def test_a_run_resumes_only_with_its_own_decoder_scale(folder, tmp_path, first, 
     assert len(read_log(run)) == 1
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_flag_existed_is_a_learnt_one(folder, tmp_path, capsys):
     run = tmp_path / "run"
     assert train(folder, run) == 0

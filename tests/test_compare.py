@@ -37,6 +37,7 @@ def counts(preset):
     return found
 
 
+@pytest.mark.slow
 def test_reduced_preset_matches_parameters_within_15_percent():
     found = counts("reduced")
     assert found == {"fvae": 8_814_338, "glow": 9_417_660, "vae": 8_707_874,  # the author's
@@ -53,6 +54,7 @@ def test_paper_preset_matches_parameters_within_15_percent():
                      "vae (live)": 96_204_290}
 
 
+@pytest.mark.slow
 def test_tiny_comparison_writes_every_output_and_resumes(tmp_path):
     pictures = write_pictures(str(tmp_path / "faces"), n=14)
     out = tmp_path / "compare"
@@ -273,6 +275,7 @@ def test_the_plot_says_which_lines_are_bounds_and_which_is_exact():
     pyplot.close(figure)
 
 
+@pytest.mark.slow
 def test_bad_data_folder_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "compare.py"), "--data-dir",
                              str(tmp_path / "none")], capture_output=True, text=True, timeout=120)

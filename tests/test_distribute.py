@@ -67,6 +67,7 @@ def parts(results, model, device):
 
 
 @pytest.mark.parametrize("model", ["fvae", "infomax"])
+@pytest.mark.slow
 def test_one_mirrored_step_equals_the_step_on_one_device(mirrored_step, model):
     """Same weights, same global batch of 8, same seeds: the step on two replicas (4 images each)
     logs the same loss and leaves the same weights and Adam moments as on one device, so the
@@ -82,6 +83,7 @@ def test_one_mirrored_step_equals_the_step_on_one_device(mirrored_step, model):
     assert sum(np.any(one[k] != 0) for k in moments) > len(moments) // 2  # real gradients
 
 
+@pytest.mark.slow
 def test_replicas_draw_different_noise_that_together_is_the_one_device_draw(mirrored_step):
     one, two = mirrored_step["noise_one"], mirrored_step["noise_two"]
     assert two.shape == (2, 4, 3)
@@ -284,6 +286,7 @@ def log_epochs(run):
         return [row["epoch"] for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_same_fvae_only_the_chief_writes_and_a_resume_works(tmp_path):
     """... and the resumed run, whose first step is all-NaN (TEST_NAN_AT_STEPS) with
     --nan-patience 1, skips that step and rolls back on both workers to the same best weights
@@ -342,6 +345,7 @@ def test_two_workers_get_complementary_halves_of_the_same_global_batches(start, 
             np.testing.assert_array_equal(np.concatenate([first, second]), batch)
 
 
+@pytest.mark.slow
 def test_workers_given_different_seeds_stop_before_anything_is_written(tmp_path):
     """The f-VAE's default --seed -1 draws a seed per process: in a cluster the workers would
     build different flows and cut their parts from different batches. All stop, exit 2."""

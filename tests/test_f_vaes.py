@@ -365,6 +365,7 @@ def test_generate_decodes_the_inverse_flow_and_latent_is_the_flow_of_the_encodin
 
 @pytest.mark.parametrize("img_size, flow, dead", [(64, "48,622,274", "37,748,736"),
                                                   (128, "86,371,010", None)])
+@pytest.mark.slow
 def test_parameter_counts_match_spec(img_size, flow, dead):
     """The author's counts at 128x128; at 64x64 the flow's last level runs on 1x1 maps, where
     the 12 couplings keep 1 of the 9 taps of both 3x3 kernels: 12 * 8 * 9 * (768 * 256 +
@@ -395,6 +396,7 @@ def test_image_size_must_divide(size, level):
     f_vaes.check_config(Config(img_size=96, level=3))
 
 
+@pytest.mark.slow
 def test_image_size_error_exits_before_building(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "f_vaes.py"), "--img-size", "60",
                              "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")],
@@ -437,6 +439,7 @@ def test_training_decreases_loss():
 
 
 @pytest.mark.parametrize("part", ["encoder", "decoder", "flow"])
+@pytest.mark.slow
 def test_training_one_part_alone_lowers_the_loss(part):
     """Each of E, G and F learns by itself: training only that part (everything else frozen,
     the two scalars too, so their easy ~1% cannot count) lowers the loss on a fixed batch
@@ -499,6 +502,7 @@ def read_log(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_training_run_writes_its_outputs(tiny_run):
     _, run = tiny_run
     for name in ("config.json", "state.json", "log.csv", "latest.weights.h5", "best.weights.h5",

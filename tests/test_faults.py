@@ -235,6 +235,7 @@ def variables_of(model):
 
 
 @pytest.mark.parametrize("which", ["fvae", "infomax-xla"])
+@pytest.mark.slow
 def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
     """The batch of step 2 is NaN (injected in the input pipeline): its update is not applied -
     weights, Adam moments, the optimiser's step count and batch-norm statistics stay as they
@@ -263,6 +264,7 @@ def test_a_non_finite_step_changes_nothing(which, tmp_path, monkeypatch):
     assert int(model.optimizer.iterations.numpy()) == 2 and training.checkpoint.weights_are_finite(model)
 
 
+@pytest.mark.slow
 def test_repeated_non_finite_steps_roll_back_lower_the_rate_and_never_reach_a_save(tmp_path,
                                                                                   monkeypatch, capsys):
     """Steps 4-6 (all of epoch 2) are NaN, --nan-patience 2: after two the run reloads
@@ -333,6 +335,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
 
 
+@pytest.mark.slow
 def test_skip_decision_is_the_same_on_every_replica(tmp_path):
     """MirroredStrategy on two CPU replicas, a NaN in the half of one batch that replica 0
     gets: neither replica applies that step (apply_if_finite all-reduces the decision and
@@ -423,6 +426,7 @@ def test_weights_of_an_unrecorded_other_model_are_an_error_naming_each_file(tmp_
         "best.weights.h5", "latest.weights.h5", "previous.weights.h5"]  # nothing set aside
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_the_model_name_the_file(fvae_reference, tmp_path, capsys):
     """config.json deleted, then --depth changed: the weights files know their model, and the
     command stops before writing anything (config.json is not recreated)."""
@@ -580,6 +584,7 @@ def full_disk_at(monkeypatch, name, model):
 
 @pytest.mark.parametrize("target", ["best.weights.h5", "latest.weights.h5", "log.csv",
                                     "state.json", "events.log"])
+@pytest.mark.slow
 def test_a_full_disk_at_any_write_keeps_the_last_save_and_the_csv_and_the_run_resumes(
         target, tmp_path, monkeypatch):
     """Each file an epoch's end writes (the weights files, the CSV line, state.json; events.log
@@ -668,6 +673,7 @@ FILL_LEAVING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_save_into_a_full_filesystem_stops_with_one_line_and_the_same_command_resumes(
         fvae_reference, tmp_path, capsys):
     """A real full disk: the finished 3-epoch run is copied onto a small tmpfs (mounted in a
@@ -736,6 +742,7 @@ def fvae_reference(tmp_path_factory):
     return data, base / "run"
 
 
+@pytest.mark.slow
 def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
         fvae_reference, tmp_path, op_determinism):
     """The real command line, three times with the same command: SIGKILL while it writes epoch
@@ -782,6 +789,7 @@ def test_killed_and_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_o
         np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_infomax_stopped_by_ctrl_c_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch,
                                                                          op_determinism):
     """Deep InfoMax (its noise and both negative permutations come from a seed generator): 3
@@ -837,6 +845,7 @@ def test_sigkills_at_random_moments_lose_nothing_and_change_nothing(fvae_referen
 
 # --------------------------------------------------------------------------- two trainers
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_folder_stops_at_once_and_a_killed_ones_lock_blocks_nothing(
         tmp_path, capsys):
     """Two real processes with the same command: while the first trains (paused in epoch 2's
@@ -881,6 +890,7 @@ def test_a_second_trainer_on_the_same_folder_stops_at_once_and_a_killed_ones_loc
 # --------------------------------------------------------------------------- bad data
 
 @pytest.mark.parametrize("script", ["f_vaes", pytest.param("infomax", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_a_folder_of_every_kind_of_file_trains_through_a_whole_pass(script, tmp_path, capsys):
     """Empty, truncated, text-as-PNG files are skipped with a warning naming each; 16-bit,
     grey, RGBA, CMYK, palette, tiny, large and nested images are used: one epoch covers every
@@ -950,6 +960,7 @@ MEASURE_DECODING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_hostile_images_are_skipped_by_name_or_read_within_bounded_memory_and_time(tmp_path):
     """A decompression bomb (a PNG header claiming 100,000 x 100,000 pixels over a tiny file),
     a real 20,000 x 20,000 PNG, a JPEG whose header claims 12,000 x 12,000 (TensorFlow would

@@ -72,6 +72,7 @@ def test_the_scale_is_fitted_on_training_images_not_held_out_ones(tmp_path):
 
 
 @pytest.mark.parametrize("samples", ["1", "3"])
+@pytest.mark.slow
 def test_evaluate_reports_the_bound_at_the_fitted_scale(tiny_run, samples):  # noqa: F811
     _, run = tiny_run
     assert f_vaes.main(["evaluate", "--out", str(run), "--samples", samples]) == 0
@@ -86,6 +87,7 @@ def test_evaluate_reports_the_bound_at_the_fitted_scale(tiny_run, samples):  # n
     assert result["bits_per_dim_fitted_t_x"] < result["bits_per_dim"]
 
 
+@pytest.mark.slow
 def test_sampled_reconstruction_error_is_g_of_e_x_error_without_posterior_noise(
         tiny_run, tmp_path, monkeypatch):  # noqa: F811
     """With the noise scale exp(s_u) ~ 0, v = E(x): evaluate's sampled_reconstruction_rmse

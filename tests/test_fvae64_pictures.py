@@ -6,6 +6,7 @@ import os
 import shutil
 
 import imageio.v3 as iio
+import pytest
 
 from conftest import load_experiment
 from test_same_weights import write_pictures
@@ -26,6 +27,7 @@ def copy_checkpoint(run, folder):
     return folder
 
 
+@pytest.mark.slow
 def test_pictures_of_a_run_and_its_checkpoints(tmp_path, capsys):
     data = write_pictures(str(tmp_path / "faces"), n=16)
     run = str(tmp_path / "run")

@@ -196,6 +196,7 @@ def test_a_run_gives_the_collapse_rule_its_collapse_lr_not_its_lr(tmp_path):
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(2e-6)
 
 
+@pytest.mark.slow
 def test_paper_configuration_parameter_count():
     """The author's 64x64 Glow (3 levels x 10 steps, width 512) counted by hand: per step an
     ActNorm (2c) and the coupling NN (3x3 c/2->512, 1x1 512->512, 3x3 512->c/2, with biases)
@@ -232,6 +233,7 @@ def test_command_line_trains_resumes_and_runs_the_commands(tmp_path):
     (["--depth", "0"], "--depth 0: must be at least 1"),
     (["--lr", "0"], "--lr 0.0: must be a positive number"),
 ])
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "glow.py"), *flags,
                              "--out", str(tmp_path / "run")], capture_output=True, text=True,

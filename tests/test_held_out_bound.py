@@ -27,6 +27,7 @@ def log_rows(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_glows_held_out_bits_per_dim_is_its_exact_likelihood_of_the_first_held_out_files(tmp_path):
     """Glow's bits/dim is exact (no posterior draw), so the logged number can be recomputed:
     the first 3 of the 6 held-out files, y = (x + u) / 256 * 2 - 1 with u the run seed's
@@ -82,6 +83,7 @@ def weights_of(path):
     return found
 
 
+@pytest.mark.slow
 def test_the_bound_leaves_training_as_it_was_and_a_resumed_run_gains_its_columns(tmp_path):
     pictures = write_pictures(str(tmp_path / "pictures"), n=16)
     without, beside = str(tmp_path / "without"), str(tmp_path / "with")
@@ -109,6 +111,7 @@ def test_the_bound_leaves_training_as_it_was_and_a_resumed_run_gains_its_columns
     assert [r["loss"] for r in rows[:2]] == [r["loss"] for r in log_rows(beside)]
 
 
+@pytest.mark.slow
 def test_an_unreadable_held_out_file_is_left_out_of_the_bound(tmp_path):
     pictures = write_pictures(str(tmp_path / "pictures"), n=16)
     with open(os.path.join(pictures, "zz_broken.png"), "wb") as f:  # sorted last: held out

@@ -267,6 +267,7 @@ def test_an_unchanged_bad_file_is_not_decoded_again_but_a_changed_one_is(run, tm
         Index.build(str(photos), encoder(run), str(tmp_path / "index"))
 
 
+@pytest.mark.slow
 def test_a_killed_indexing_resumes_to_the_same_index(run, tmp_path):
     """A real indexing process, SIGKILLed while it pauses with the codes of its third chunk
     written and not committed (TEST_PAUSE_IN_INDEX_COMMIT, tests/fault_hooks.py); the same

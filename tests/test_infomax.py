@@ -369,6 +369,7 @@ def test_tiny_imagenet_loader_reads_the_official_layout(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(TINY_IMAGENET), reason=f"{TINY_IMAGENET} not present")
+@pytest.mark.slow
 def test_tiny_imagenet_loader_reads_the_shared_subset():
     (x_train, y_train), (x_test, y_test) = datasets.load_tiny_imagenet(TINY_IMAGENET)
     assert x_train.shape == (4000, 64, 64, 3) and x_test.shape == (2000, 64, 64, 3)
@@ -528,6 +529,7 @@ def test_command_line_trains_writes_everything_resumes_and_searches(tmp_path, ca
     assert open(os.path.join(out, "latest.weights.h5"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_ablation_command_writes_its_table_and_picture(tmp_path, capsys):
     """`infomax.py ablation` at a tiny size: three arms trained with the same seed and budget,
     the random encoder measured once, one table row per model and feature, one picture."""
@@ -570,6 +572,7 @@ def test_bad_paths_exit_with_status_2_and_a_clear_message(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, local_size", [(None, 4), ("dim-cifar10-local8", 8)])
+@pytest.mark.slow
 def test_a_shipped_cifar10_encoder_loads_in_one_call_and_beats_a_random_one(name, local_size):
     """pretrained/dim-cifar10 (the default: the author's setting, 50 epochs) and
     pretrained/dim-cifar10-local8 (`--local-size 8`, 50 epochs), loaded by name. On the

@@ -57,6 +57,7 @@ def test_loss_with_a_smaller_latent_is_the_general_posterior_loss(channels):
                                (expected + dims * np.log(128)) / (dims * np.log(2)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_192_channels_is_the_papers_model():
     paper, explicit = FVAE(seed=3, **TINY), FVAE(seed=3, latent_channels=192, **TINY)
     for model in (paper, explicit):
@@ -82,6 +83,7 @@ def test_flow_inverts_at_a_smaller_latent(channels):
 
 
 @pytest.mark.parametrize("value", ["13", "0", "-4"])
+@pytest.mark.slow
 def test_an_invalid_latent_size_is_a_one_line_error(value, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "f_vaes.py"), *TINY_FLAGS,
                              "--latent-channels", value, "--out", str(tmp_path / "run")],
@@ -91,6 +93,7 @@ def test_an_invalid_latent_size_is_a_one_line_error(value, tmp_path):
     assert "192, 96, 48 or 12" in result.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_every_command_works_with_a_smaller_latent(tmp_path):
     pictures = write_pictures(str(tmp_path / "pictures"), n=12)
     run = str(tmp_path / "run")

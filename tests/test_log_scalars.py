@@ -5,12 +5,14 @@ them."""
 import csv
 
 import numpy as np
+import pytest
 
 from test_f_vaes import TINY_FLAGS
 from test_same_weights import write_pictures
 import f_vaes
 
 
+@pytest.mark.slow
 def test_log_csv_records_t_x_and_s_u_every_epoch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_pictures("faces", n=10, size=16)

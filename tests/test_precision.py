@@ -255,6 +255,7 @@ def models():
 
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16", "mixed_float16"])
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["fvae", "glow", "infomax"])
+@pytest.mark.slow
 def test_each_model_trains_a_step_in_each_precision_with_float32_parts(index, policy):
     """A training step is finite; the variables are float32; every loss part, the flow's
     latent and log-determinant are float32; the networks compute in the precision."""

@@ -8,6 +8,7 @@ import sys
 
 import imageio.v2 as imageio
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -40,6 +41,7 @@ def test_prepare_faces(tmp_path):
     assert prepare_faces.prepare(str(source), str(target), 64)[:2] == (0, 2)
 
 
+@pytest.mark.slow
 def test_missing_folder_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "prepare_faces.py"),
                              str(tmp_path / "nope"), str(tmp_path / "out")],

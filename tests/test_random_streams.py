@@ -230,6 +230,7 @@ FACE_FLAGS = ["--img-size", "16", "--level", "2", "--depth", "1", "--coupling-wi
               "--data-dir", "pictures", "--log-every", "0"]  # those of RUNS_BEFORE's glow16
 
 
+@pytest.mark.slow
 def test_a_face_run_trains_on_the_stream_its_folder_names(tmp_path, monkeypatch):
     """A new run trains on its own stream and says so in config.json and in its weights; the
     Glow run saved before resumes on the shared key."""
@@ -245,6 +246,7 @@ def test_a_face_run_trains_on_the_stream_its_folder_names(tmp_path, monkeypatch)
         datasets.SHARED_SEED
 
 
+@pytest.mark.slow
 def test_an_infomax_run_trains_on_the_stream_its_folder_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(OLD_INFOMAX_RUN, "old", ignore=shutil.ignore_patterns("index"))

@@ -17,6 +17,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from test_same_weights import runs, train_run, write_pictures
@@ -72,6 +73,7 @@ def test_an_index_written_before_opens_is_up_to_date_and_answers_the_same(tmp_pa
                                [float(r["score"]) for r in before], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_run_written_before_resumes_for_one_more_epoch(tmp_path):
     """The same command with --epochs 3 continues the run: a third epoch, logged."""
     run, _, _ = unpack_run(tmp_path)

@@ -78,6 +78,7 @@ def test_interpolation_between_noisy_posterior_draws_is_not_the_posterior_mean(r
     (["--image-latent", "draw"], "no posterior"),
     (["--image-latent", "draw", "--between", "samples"], "--between images"),
 ])
+@pytest.mark.slow
 def test_a_posterior_draw_where_there_is_none_is_a_one_line_error(run, argv, why, capsys,
                                                                   tmp_path):
     face_model, folder = run[:2]

@@ -170,6 +170,7 @@ def test_fused_adam_state_loads_into_keras_adam(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["f_vaes", "infomax"])
+@pytest.mark.slow
 def test_scripts_turn_on_onednn_unless_told_not_to(script):
     check = (f"import {script}; from tensorflow.python.util import _pywrap_util_port as p; "
              "print(p.IsMklEnabled())")

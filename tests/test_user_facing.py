@@ -50,6 +50,7 @@ def fvae_run(tmp_path_factory):
     return home, home / "runs" / "fvae16", pictures, result
 
 
+@pytest.mark.slow
 def test_f_vae_trains_as_typed_into_its_default_run_folder(fvae_run, monkeypatch):
     home, run, _, _ = fvae_run
     for name in ("latest.weights.h5", "best.weights.h5", "log.csv", "config.json",
@@ -72,6 +73,7 @@ def test_f_vae_trains_as_typed_into_its_default_run_folder(fvae_run, monkeypatch
     assert out == str(home / "elsewhere")
 
 
+@pytest.mark.slow
 def test_help_and_errors_start_quietly():
     for name in ("f_vaes.py", "infomax.py"):
         result = script(name, "--help")
@@ -83,6 +85,7 @@ def test_help_and_errors_start_quietly():
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_output_in_a_file_is_readable_lines(fvae_run):
     _, _, _, result = fvae_run
     for stream in (result.stdout, result.stderr):
@@ -106,6 +109,7 @@ def scalars_and_images(folder):
     return found
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_scalars_per_epoch_and_step_and_the_sample_grids(fvae_run):
     _, run, _, _ = fvae_run
     logged = scalars_and_images(str(run / "tensorboard"))
@@ -117,6 +121,7 @@ def test_tensorboard_logs_scalars_per_epoch_and_step_and_the_sample_grids(fvae_r
     assert [step for step, _ in logged["samples_T0.8"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_run_and_its_images_can_move(fvae_run, tmp_path):
     home, run, pictures, _ = fvae_run
     saved = json.load(open(run / "config.json"))
@@ -132,6 +137,7 @@ def test_a_run_and_its_images_can_move(fvae_run, tmp_path):
     assert result.returncode == 2 and "--data-dir" in result.stderr  # the old place is gone
 
 
+@pytest.mark.slow
 def test_notebook_api_samples_encodes_decodes_and_scores(fvae_run):
     _, run, _, _ = fvae_run
     model = f_vaes.FVAE.from_run(str(run))
@@ -149,6 +155,7 @@ def test_notebook_api_samples_encodes_decodes_and_scores(fvae_run):
     assert bits.shape == (6,) and np.all(np.isfinite(bits)) and np.all(bits > 0)
 
 
+@pytest.mark.slow
 def test_export_saved_models_load_back_and_compute_the_same(fvae_run, tmp_path):
     _, run, _, _ = fvae_run
     result = script("f_vaes.py", "export", "--out", str(run), "--dest", str(tmp_path / "export"))
@@ -171,6 +178,7 @@ def test_export_saved_models_load_back_and_compute_the_same(fvae_run, tmp_path):
     np.testing.assert_allclose(inference.encode(images), model.encode(images), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_encode_writes_latents_and_bits_per_dim_keyed_by_file(fvae_run, tmp_path):
     _, run, pictures, _ = fvae_run
     result = script("f_vaes.py", "encode", "--out", str(run), "--folder", pictures,
@@ -185,6 +193,7 @@ def test_encode_writes_latents_and_bits_per_dim_keyed_by_file(fvae_run, tmp_path
     np.testing.assert_allclose(latents[5], model.encode(first[None])[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_infomax_encoder_exports_and_encodes_a_folder(tmp_path):
     pictures = write_pictures(str(tmp_path / "pictures"), n=12)
     run = tmp_path / "dim"

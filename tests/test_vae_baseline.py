@@ -78,6 +78,7 @@ def test_iwae_bound_with_one_sample_is_the_elbo_and_does_not_grow_with_k():
     assert bounds[1] >= bounds[4] >= bounds[32], bounds
 
 
+@pytest.mark.slow
 def test_vae_trains_and_evaluates_with_k_samples_through_the_command_line(tmp_path):
     pictures = write_pictures(str(tmp_path / "pictures"), n=12)
     run = str(tmp_path / "vae")
