@@ -454,36 +454,53 @@ def quality_table(scored):
     return "\n".join(lines) + "\n"
 
 
-def plot_quality(scored):
-    """quality.png: each measure against steps, a line per model and temperature, the floor
-    dotted."""
+def plot_quality(scored, seconds=None):
+    """quality.png: each measure against steps (top) and, where `seconds` gives each
+    checkpoint's training seconds ({(model, steps): s}, from compare.json), against them
+    (bottom): a line per model and temperature, the floor dotted."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
-    figure, axes = pyplot.subplots(1, len(QUALITY_MEASURES), figsize=(14, 3.4))
+    seconds = seconds or {}
     models = [m for m in SCRIPTS if any(r["model"] == m for r in scored["rows"])]
-    for axis, measure in zip(axes, QUALITY_MEASURES):
-        for name in models:
-            mine = sorted((r for r in scored["rows"] if r["model"] == name), key=lambda r: r["steps"])
-            for t, style in (("T1.0", "-"), ("T0.8", "--")):
-                values = [r[t].get(measure) for r in mine]
-                if any(v is not None for v in values):
-                    axis.plot([r["steps"] for r in mine], values, style, marker="o",
-                              label=f"{NAMES[name]}, {t.replace('T', 'T = ')}")
-        floor = scored["rows"][0]["training faces"].get(measure) if scored["rows"] else None
-        if floor is not None:
-            axis.axhline(floor, color="grey", linestyle=":", label="training faces (floor)")
-        axis.set_title(measure.replace("_", " "), fontsize=9)
-        axis.set_xlabel("training steps")
-    axes[-1].legend(fontsize=6)
+    timed = any((r["model"], r["steps"]) in seconds for r in scored["rows"])
+    figure, axes = pyplot.subplots(2 if timed else 1, len(QUALITY_MEASURES),
+                                   figsize=(14, 6.8 if timed else 3.4), squeeze=False)
+    floor = scored["rows"][0]["training faces"] if scored["rows"] else {}
+    for row, (x_of, label) in enumerate([(lambda r: r["steps"], "training steps"),
+                                         (lambda r: seconds.get((r["model"], r["steps"])),
+                                          "training seconds")][:len(axes)]):
+        for axis, measure in zip(axes[row], QUALITY_MEASURES):
+            for name in models:
+                mine = sorted((r for r in scored["rows"] if r["model"] == name
+                               and x_of(r) is not None), key=lambda r: r["steps"])
+                for t, style in (("T1.0", "-"), ("T0.8", "--")):
+                    values = [r[t].get(measure) for r in mine]
+                    if any(v is not None for v in values):
+                        axis.plot([x_of(r) for r in mine], values, style, marker="o",
+                                  label=f"{NAMES[name]}, {t.replace('T', 'T = ')}")
+            if floor.get(measure) is not None:
+                axis.axhline(floor[measure], color="grey", linestyle=":",
+                             label="training faces (floor)")
+            axis.set_title(measure.replace("_", " "), fontsize=9)
+            axis.set_xlabel(label)
+    axes[0][-1].legend(fontsize=6)
     figure.tight_layout()
     return figure
+
+
+def training_seconds(out):
+    """{(model, steps): training seconds} of compare.json's checkpoints in `out` ({} without)."""
+    path = os.path.join(out, "compare.json")
+    if not os.path.exists(path):
+        return {}
+    return {(r["model"], r["steps"]): r["seconds"] for r in common.read_json(path)["rows"]}
 
 
 def write_quality_outputs(out, scored):
     with open(os.path.join(out, "quality.md"), "w") as f:
         f.write(quality_table(scored))
-    figure = plot_quality(scored)
+    figure = plot_quality(scored, training_seconds(out))
     figure.savefig(os.path.join(out, "quality.png"), dpi=100)
     from matplotlib import pyplot
     pyplot.close(figure)
