@@ -335,9 +335,33 @@ def sweep_images(model, rows, temperatures, seed=0):
 
 
 def command_sweep(args, config, model):
-    """One row per noise draw, one column per temperature: z = T * eps with eps fixed per row."""
+    """One row per noise draw, one column per temperature: z = T * eps with eps fixed per row.
+    With --quality-samples N, N samples at each temperature are scored against the held-out
+    faces (`quality_scores`; the article's temperature trade-off as numbers): printed, and in
+    sweep_quality.json and sweep_quality.png."""
     images = sweep_images(model, args.rows, args.sweep, args.seed)
     print(pictures.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
+    if args.quality_samples:
+        quality = scored_quality(args, config, model, args.sweep, spectra_path=None)
+        common.write_json(os.path.join(args.out, "sweep_quality.json"), quality)
+        path = os.path.join(args.out, "sweep_quality.png")
+        sample_quality.plot_against_temperature(quality, args.sweep, path)
+        print(path)
+
+
+def scored_quality(args, config, model, temperatures, spectra_path):
+    """`quality_scores` of --quality-samples samples at `temperatures`, in the features of
+    --features, printed a line per set; with the encoder and sample count, for a json file."""
+    features = infomax_features(args.features, config.img_size) if args.features else None
+    quality = quality_scores(model, config, features, args.quality_samples, temperatures,
+                             seed=args.seed, spectra_path=spectra_path)
+    print(f"sample quality against the {quality['reference_images']} held-out faces "
+          "(sharpness: high-frequency share / the held-out faces'; frechet_distance, "
+          f"precision, recall: in the features of {args.features or '(no --features)'}):")
+    for name, numbers in quality.items():
+        if isinstance(numbers, dict):
+            print(f"  {name:15s} " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+    return {"quality_features": args.features, "quality_samples": args.quality_samples, **quality}
 
 
 def command_reconstruct(args, config, model):
@@ -454,15 +478,10 @@ def command_evaluate(args, config, model):
             print(f"  {name:13s} {results[name]:.4f}")
     quality = {}
     if getattr(args, "quality_samples", 0):
-        features = infomax_features(args.features, config.img_size) if args.features else None
-        quality = quality_scores(model, config, features, args.quality_samples,
-                                 seed=args.seed, spectra_path=os.path.join(args.out, "spectra.png"))
-        print(f"sample quality against the {quality['reference_images']} held-out faces "
-              "(sharpness: high-frequency share / the held-out faces'; frechet_distance, "
-              f"precision, recall: in the features of {args.features or '(no --features)'}):")
-        for name, numbers in quality.items():
-            if isinstance(numbers, dict):
-                print(f"  {name:15s} " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+        quality = scored_quality(args, config, model, QUALITY_TEMPERATURES,
+                                 spectra_path=os.path.join(args.out, "spectra.png"))
+        quality = {k: v for k, v in quality.items() if k not in ("quality_features",
+                                                                 "quality_samples")}
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
                        **{k: None if v is None else float(v) for k, v in results.items()},
@@ -757,16 +776,16 @@ def add_run_command_flags(commands, default_temperatures=(1.0, 0.8)):
     commands["evaluate"].add_argument("--eval-dir", default=None,
                                       help="every image of this folder instead of the run's "
                                            "held-out files")
-    commands["evaluate"].add_argument("--quality-samples", type=int, default=0, metavar="N",
-                                      help="also measure N samples at T = 1.0 and 0.8 (and N "
-                                           "training faces, the floor) against the held-out "
-                                           "faces: sharpness, and with --features the Frechet "
-                                           "distance and k-NN precision and recall (0: off; "
-                                           "docs/model.md)")
-    commands["evaluate"].add_argument("--features", default=None, metavar="ENCODER",
-                                      help="a Deep InfoMax run folder (infomax.py --dataset "
-                                           "folder on the training faces) whose mu are the "
-                                           "features of --quality-samples")
+    for name, at in (("evaluate", "T = 1.0 and 0.8"), ("sweep", "each temperature")):
+        commands[name].add_argument("--quality-samples", type=int, default=0, metavar="N",
+                                    help=f"also measure N samples at {at} (and N training "
+                                         "faces, the floor) against the held-out faces: "
+                                         "sharpness, and with --features the Frechet distance "
+                                         "and k-NN precision and recall (0: off; docs/model.md)")
+        commands[name].add_argument("--features", default=None, metavar="ENCODER",
+                                    help="a Deep InfoMax run folder (infomax.py --dataset "
+                                         "folder on the training faces) whose mu are the "
+                                         "features of --quality-samples")
     commands["evaluate"].add_argument("--samples", type=int, default=1, metavar="K",
                                       help="posterior samples per image: K > 1 gives the "
                                            "importance-weighted bound, tighter than the ELBO")

@@ -80,6 +80,30 @@ def plot_spectra(curves, path, top=HIGH_BAND):
     figure.savefig(path, dpi=100)
 
 
+def plot_against_temperature(quality, temperatures, path):
+    """Write a PNG of each measure of `quality` (`face_runs.quality_scores`: {"T<t>": {measure:
+    value}, "training faces": {...}}) against the temperatures, the training faces' value (the
+    floor) dotted; a measure no set has is left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    measures = [m for m in ("sharpness", "frechet_distance", "precision", "recall")
+                if m in quality.get(f"T{temperatures[0]}", {})]
+    figure = Figure(figsize=(3.2 * len(measures), 3))
+    FigureCanvasAgg(figure)
+    for i, measure in enumerate(measures):
+        axes = figure.add_subplot(1, len(measures), i + 1)
+        axes.plot(temperatures, [quality[f"T{t}"][measure] for t in temperatures], marker="o",
+                  label="samples")
+        axes.axhline(quality["training faces"][measure], color="grey", linestyle=":",
+                     label="training faces (floor)")
+        axes.set_title(measure.replace("_", " "), fontsize=9)
+        axes.set_xlabel("temperature T")
+    figure.axes[-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
 def _symmetric_sqrt(matrix):
     """The square root of a symmetric positive semi-definite matrix, by its eigenvalues
     (tiny negative ones, from rounding, clipped to 0)."""

@@ -195,3 +195,34 @@ def test_quality_scores_measure_every_set_against_the_held_out_faces(tmp_path):
     # the training faces are drawn like the held-out ones: nearer to them than noise samples
     assert quality["training faces"]["frechet_distance"] < quality["T1.0"]["frechet_distance"]
     assert (tmp_path / "spectra.png").stat().st_size > 1000
+
+
+def test_the_sweep_scores_every_temperature(tmp_path):
+    """`f_vaes.py sweep --quality-samples N --features ENCODER` (the article's temperature
+    trade-off as numbers): every temperature of the sweep scored, written to
+    sweep_quality.json and plotted. At T = 0 every sample is the same image (z = 0), whose
+    k-NN radius among the samples is 0, so no held-out face lies in the samples' manifold:
+    recall is exactly 0 there, and the other temperatures' samples score differently."""
+    import argparse
+    import json
+    import imageio.v3 as iio
+    import f_vaes
+    import face_runs
+    from test_f_vaes import smooth_images, tiny_model
+
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for i, picture in enumerate(((smooth_images(24, 16, seed=1) + 1) * 127.5).round()
+                                .astype(np.uint8)):
+        iio.imwrite(faces / f"{i:03d}.png", picture)
+    config = f_vaes.Config(img_size=16, holdout=12, data_dir=str(faces))
+    args = argparse.Namespace(out=str(tmp_path), rows=2, sweep=[0.0, 0.5, 1.0], seed=0,
+                              quality_samples=10, features="dim-cifar10")
+    face_runs.command_sweep(args, config, tiny_model())
+    quality = json.loads((tmp_path / "sweep_quality.json").read_text())
+    assert quality["quality_features"] == "dim-cifar10" and quality["quality_samples"] == 10
+    assert {"training faces", "T0.0", "T0.5", "T1.0"} <= set(quality)
+    assert quality["T0.0"]["recall"] == 0.0
+    assert len({quality[t]["frechet_distance"] for t in ("T0.0", "T0.5", "T1.0")}) == 3
+    assert (tmp_path / "sweep_quality.png").stat().st_size > 1000
+    assert (tmp_path / "sweep.png").exists()
