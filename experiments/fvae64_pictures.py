@@ -229,7 +229,8 @@ def main(argv=None):
     write("learning_curve", learning_curve(args.run, held_out, args.precision_switch_step))
     table = os.path.join(args.out_dir, f"{args.prefix}_epochs.md")
     with open(table, "w") as f:
-        f.write(epoch_table(args.run, held_out, "python experiments/fvae64_pictures.py"))
+        f.write(epoch_table(args.run, held_out,  # a command the docs' test can parse
+                            "python experiments/fvae64_pictures.py RUN --checkpoints COPY ..."))
     print(table)
     if held_out:
         print("held-out bits/dim: " + ", ".join(f"{bits:.4f} at step {step}"
