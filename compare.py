@@ -59,6 +59,7 @@ import pictures
 import cli
 import f_vaes
 import face_runs
+import sample_quality
 import speedups
 import glow
 from training import monitor
@@ -432,7 +433,7 @@ def score_quality(preset, args):
     return scored
 
 
-QUALITY_MEASURES = ("sharpness", "frechet_distance", "precision", "recall")
+QUALITY_MEASURES = sample_quality.MEASURES
 
 
 def quality_table(scored):

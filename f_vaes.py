@@ -41,6 +41,7 @@ import keras
 from keras import ops
 
 import cli
+import datasets
 import face_runs
 import pictures
 from cli import option
@@ -85,9 +86,10 @@ class Config(FaceRunSettings):
     # A resumed run must keep these (latent_channels: compared only with runs that saved it;
     # earlier runs have 192)
     MODEL_KEYS = ("img_size", "depth", "level", "res_steps", "coupling_width", "seed", "holdout",
-                  "latent_channels", "posterior", "decoder_scale")
-    ADDED_KEYS = ("latent_channels", "posterior", "decoder_scale")  # absent from older runs
-    ASSUMED_BEFORE = {"decoder_scale": "learnt"}  # what a run saved before the key existed had
+                  "latent_channels", "posterior", "decoder_scale", "data_order")
+    # absent from older runs, and what a run saved before the key existed had
+    ADDED_KEYS = ("latent_channels", "posterior", "decoder_scale", "data_order")
+    ASSUMED_BEFORE = {"decoder_scale": "learnt", "data_order": datasets.SHARED_SEED}
 
 
 def check_config(c):

@@ -272,10 +272,7 @@ def train(face_model, config, out):
             held_out[:config.held_out_images], config.img_size, verbose=False)
         held_out_bound = ([HeldOutBound(scored, config.img_size, config.batch_size, config.seed)]
                           if scored else [])
-        # the weights record the data order too: a run saved with its own stream never
-        # resumes into the shared one, even without its config.json
-        return fit_run(run, config, (*model_keys, "data_order"), build_seeded, stream,
-                       config.steps_per_epoch,
+        return fit_run(run, config, model_keys, build_seeded, stream, config.steps_per_epoch,
                        monitors=[*held_out_bound,
                                  *(make(run.dir, config) for make in face_model.monitors)],
                        callbacks=[SampleGrids(run.dir, seed=config.seed,
@@ -343,7 +340,9 @@ def command_sweep(args, config, model):
     print(pictures.save_grid(os.path.join(args.out, "sweep.png"), images, args.rows, len(args.sweep)))
     if args.quality_samples:
         quality = scored_quality(args, config, model, args.sweep, spectra_path=None)
-        common.write_json(os.path.join(args.out, "sweep_quality.json"), quality)
+        common.write_json(os.path.join(args.out, "sweep_quality.json"),
+                          {"quality_features": args.features,
+                           "quality_samples": args.quality_samples, **quality})
         path = os.path.join(args.out, "sweep_quality.png")
         sample_quality.plot_against_temperature(quality, args.sweep, path)
         print(path)
@@ -351,7 +350,7 @@ def command_sweep(args, config, model):
 
 def scored_quality(args, config, model, temperatures, spectra_path):
     """`quality_scores` of --quality-samples samples at `temperatures`, in the features of
-    --features, printed a line per set; with the encoder and sample count, for a json file."""
+    --features, printed a line per set."""
     features = infomax_features(args.features, config.img_size) if args.features else None
     quality = quality_scores(model, config, features, args.quality_samples, temperatures,
                              seed=args.seed, spectra_path=spectra_path)
@@ -361,7 +360,7 @@ def scored_quality(args, config, model, temperatures, spectra_path):
     for name, numbers in quality.items():
         if isinstance(numbers, dict):
             print(f"  {name:15s} " + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
-    return {"quality_features": args.features, "quality_samples": args.quality_samples, **quality}
+    return quality
 
 
 def command_reconstruct(args, config, model):
@@ -480,8 +479,6 @@ def command_evaluate(args, config, model):
     if getattr(args, "quality_samples", 0):
         quality = scored_quality(args, config, model, QUALITY_TEMPERATURES,
                                  spectra_path=os.path.join(args.out, "spectra.png"))
-        quality = {k: v for k, v in quality.items() if k not in ("quality_features",
-                                                                 "quality_samples")}
     common.write_json(os.path.join(args.out, "evaluate.json"),
                       {"images": len(files), "samples": samples,
                        **{k: None if v is None else float(v) for k, v in results.items()},

@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 import cli
+import datasets
 import face_runs
 import pictures
 from cli import option
@@ -55,7 +56,9 @@ class Config(FaceRunSettings):
     coupling_width: int = option(512, "hidden channels of the coupling NN")
     collapse_lr: float = option(1e-5, "the learning rate after a collapse (CollapseRule)")
 
-    MODEL_KEYS = ("img_size", "depth", "level", "coupling_width", "seed", "holdout")
+    MODEL_KEYS = ("img_size", "depth", "level", "coupling_width", "seed", "holdout", "data_order")
+    ADDED_KEYS = ("data_order",)  # absent from runs saved before it existed
+    ASSUMED_BEFORE = {"data_order": datasets.SHARED_SEED}  # what those runs had
 
 
 def check_config(c):

@@ -80,6 +80,9 @@ def plot_spectra(curves, path, top=HIGH_BAND):
     figure.savefig(path, dpi=100)
 
 
+MEASURES = ("sharpness", "frechet_distance", "precision", "recall")  # as face_runs reports them
+
+
 def plot_against_temperature(quality, temperatures, path):
     """Write a PNG of each measure of `quality` (`face_runs.quality_scores`: {"T<t>": {measure:
     value}, "training faces": {...}}) against the temperatures, the training faces' value (the
@@ -87,8 +90,7 @@ def plot_against_temperature(quality, temperatures, path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    measures = [m for m in ("sharpness", "frechet_distance", "precision", "recall")
-                if m in quality.get(f"T{temperatures[0]}", {})]
+    measures = [m for m in MEASURES if m in quality.get(f"T{temperatures[0]}", {})]
     figure = Figure(figsize=(3.2 * len(measures), 3))
     FigureCanvasAgg(figure)
     for i, measure in enumerate(measures):
