@@ -259,6 +259,15 @@ class FVAE(guards.GuardedModel):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.init_trackers()
 
+    def build(self, input_shape):
+        """Every layer built by one eager pass on a zero image, with u = 0 given (no draw from
+        the training noise stream). Keras would otherwise build a subclassed model by tracing
+        its whole call symbolically before the eager pass: 4-5 s more of the f-VAE 64's
+        start-up on an AMD EPYC core (docs/benchmark.md, "Start-up")."""
+        dtype = self.compute_dtype
+        u = ops.zeros((1, *self.encoder.output.shape[1:]), dtype)
+        self.loss_parts(ops.zeros((1, *input_shape[1:]), dtype), noise=u)
+
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On
         several replicas each draws its own rows of the global batch's noise."""

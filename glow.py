@@ -104,6 +104,11 @@ class Glow(guards.GuardedModel):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.init_trackers()
 
+    def build(self, input_shape):
+        """Every layer built by one eager pass on a zero image (no noise is drawn outside
+        training), not by Keras' symbolic trace of the whole call (f_vaes.FVAE.build)."""
+        self.loss_parts(ops.zeros((1, *input_shape[1:]), self.compute_dtype))
+
     def loss_parts(self, x, training=False):
         """In training the author's dequantisation, x + U(0, 1/256), drawn per replica row."""
         if training:

@@ -220,16 +220,39 @@ class FusedAdam(keras.optimizers.Adam):
         layer keeps (`SameConv2D`)."""
         super().load_own_variables(cut_to(store, self.variables))
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Keras' loop over the variables, with the step's scalars (Adam's bias corrections,
+        the learning rate, epsilon) made once per dtype and device instead of once per
+        variable: the same numbers, and about 8 fewer ops per variable in the traced step (the
+        f-VAE 64 has 826 variables; docs/benchmark.md, "Start-up")."""
+        self._step_scalars = {}
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            self._step_scalars = None
+
+    def _scalars(self, dtype, device, learning_rate):
+        """beta1^t, beta2^t, lr, beta1, beta2, epsilon in `dtype`, t = the step being taken."""
+        key = (str(dtype), device)
+        cache = getattr(self, "_step_scalars", None)
+        if cache is not None and key in cache:
+            return cache[key]
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        scalars = dict(beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+                       lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+                       epsilon=tf.cast(self.epsilon, dtype))
+        if cache is not None:
+            cache[key] = scalars
+        return scalars
+
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or isinstance(gradient, tf.IndexedSlices) or not hasattr(variable, "handle"):
             return super().update_step(gradient, variable, learning_rate)
         index = self._get_variable_index(variable)
         dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
-        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle,
             v=self._velocities[index].value.handle,
-            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
-            lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
-            epsilon=tf.cast(self.epsilon, dtype), grad=tf.cast(gradient, dtype))
+            grad=tf.cast(gradient, dtype),
+            **self._scalars(dtype, variable.device, learning_rate))

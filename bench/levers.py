@@ -12,11 +12,17 @@ warm up, time --steps steps on random data; the median is the step's time):
     taps go through Adam, the finiteness check and every checkpoint (speedups.SameConv2D);
   - `permutation gradient`: the gradient of Permute's gather as TensorFlow derives it (a
     scatter), not a gather with the inverse permutation (layers/flow.py);
-  - `space_to_depth`: Squeeze as reshape, transpose, reshape (layers/flow.py).
+  - `space_to_depth`: Squeeze as reshape, transpose, reshape (layers/flow.py);
+  - `eager build`: the model built by Keras' symbolic trace of its whole call, before the
+    eager pass, as Keras does for a subclassed model (f_vaes.FVAE.build);
+  - `shared Adam scalars`: Adam's bias corrections, learning rate and epsilon made again
+    for every variable in the traced step (speedups.FusedAdam).
 The variants run in turn, --rounds times (ABAB...), so that a drift of the machine's speed
 touches all of them alike; each prints its median step, its peak resident memory and the
-size of its weights and optimiser state (about a checkpoint's size). Name the CPU beside
-the numbers (it prints /proc/cpuinfo's model name).
+size of its weights and optimiser state (about a checkpoint's size), and its start-up: the
+seconds from the process's start (before TensorFlow is imported) to the end of the first
+training step, of which building the model and tracing with the first step. Name the CPU
+beside the numbers (it prints /proc/cpuinfo's model name).
 """
 
 import argparse
@@ -29,7 +35,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEVERS = ("live taps", "permutation gradient", "space_to_depth")
+LEVERS = ("live taps", "permutation gradient", "space_to_depth", "eager build",
+          "shared Adam scalars")
 
 
 def take_back(lever):
@@ -53,6 +60,12 @@ def take_back(lever):
             x = ops.reshape(x, (-1, h, w, f, f, c // (f * f)))
             return ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, h * f, w * f, c // (f * f)))
         layers.flow.Squeeze._squeeze, layers.flow.Squeeze._unsqueeze = squeeze, unsqueeze
+    elif lever == "eager build":
+        import f_vaes
+        del f_vaes.FVAE.build  # Keras' own: a symbolic trace of the call, then the eager pass
+    elif lever == "shared Adam scalars":
+        speedups.FusedAdam._backend_update_step = (  # no cache: the scalars for every variable
+            speedups.FusedAdam.__mro__[1]._backend_update_step)
     else:
         raise ValueError(f"unknown lever {lever!r}: one of {', '.join(LEVERS)}")
     del np
@@ -60,6 +73,7 @@ def take_back(lever):
 
 def time_variant(src, lever, img_size, steps, warmup, precision):
     """In this (child) process: the step time of the f-VAE built from `src`, `lever` taken back."""
+    process_started = time.perf_counter()  # (the interpreter's own start-up, ~0.1 s, not counted)
     sys.path.insert(0, src)
     os.chdir(src)
     import tf_setup  # noqa: F401 (first: oneDNN on, as the scripts run)
@@ -68,11 +82,14 @@ def time_variant(src, lever, img_size, steps, warmup, precision):
     if lever:
         take_back(lever)
     import f_vaes
+    started = time.perf_counter()
     model, data = f_vaes.benchmark_setup(img_size=img_size, batch_size=32, precision=precision)
+    build = time.perf_counter() - started
     step = tf.function(model.train_step, jit_compile=False, reduce_retracing=True)
     started = time.perf_counter()
     float(step(data)["loss"])
     first = time.perf_counter() - started
+    start_up = time.perf_counter() - process_started
     for _ in range(warmup - 1):
         float(step(data)["loss"])
     times = []
@@ -83,7 +100,7 @@ def time_variant(src, lever, img_size, steps, warmup, precision):
         times.append(time.perf_counter() - started)
     variables = list(model.weights) + list(model.optimizer.variables)
     return {"median_step_s": statistics.median(times), "min_step_s": min(times),
-            "first_step_s": first, "loss_finite": bool(np.isfinite(float(logs["loss"]))),
+            "first_step_s": first, "build_s": build, "start_up_s": start_up, "loss_finite": bool(np.isfinite(float(logs["loss"]))),
             "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
             "state_gb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                             for v in variables) / 1e9,
@@ -141,15 +158,21 @@ def main(argv=None):
             result = json.loads(child.stdout.strip().splitlines()[-1])
             results[name].append(result)
             print(f"round {round_ + 1} {name:28s} {result['median_step_s']:.3f} s/step "
-                  f"(first {result['first_step_s']:.0f} s), {result['trainable_params']:,} "
+                  f"(start-up {result.get('start_up_s', float('nan')):.0f} s: build "
+                  f"{result.get('build_s', float('nan')):.0f} s, trace and first step "
+                  f"{result['first_step_s']:.0f} s), {result['trainable_params']:,} "
                   f"params, state {result['state_gb']:.2f} GB, peak RSS "
                   f"{result['peak_rss_gb']:.2f} GB", flush=True)
     reference = statistics.median(r["median_step_s"] for r in results["all"])
-    print("\n| variant | s/step (median of rounds) | vs all | params | state GB | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | s/step (median of rounds) | vs all | start-up s | build s | "
+          "trace + first step s | params | state GB | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         step = statistics.median(r["median_step_s"] for r in runs)
-        print(f"| {name} | {step:.3f} | {step / reference:.3f}x | {runs[0]['trainable_params']:,} "
+        median = lambda key: statistics.median(r.get(key, float("nan")) for r in runs)  # noqa: E731
+        print(f"| {name} | {step:.3f} | {step / reference:.3f}x | {median('start_up_s'):.0f} "
+              f"| {median('build_s'):.0f} | {median('first_step_s'):.0f} "
+              f"| {runs[0]['trainable_params']:,} "
               f"| {runs[0]['state_gb']:.2f} | {max(r['peak_rss_gb'] for r in runs):.2f} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -152,6 +152,25 @@ def test_fused_adam_is_keras_adam(jit):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_adam_makes_the_step_scalars_once_per_step():
+    """Adam's bias corrections beta^t are made once per traced step, not once per variable
+    (8 ops a variable, 826 variables in the f-VAE 64: 15 s of its start-up); a second traced
+    apply makes its own (they depend on the step)."""
+    variables = [keras.Variable(np.ones((3,), "float32")) for _ in range(5)]
+    optimizer = speedups.FusedAdam(learning_rate=0.01)
+    optimizer.build(variables)
+
+    def two_steps(grads):
+        optimizer.apply(grads, variables)
+        optimizer.apply(grads, variables)
+
+    graph = tf.function(two_steps).get_concrete_function(
+        [tf.TensorSpec((3,), "float32")] * len(variables)).graph
+    kinds = [op.type for op in graph.get_operations()]
+    assert kinds.count("ResourceApplyAdam") == 2 * len(variables)
+    assert kinds.count("Pow") == 2 * 2  # beta_1^t and beta_2^t, in each apply
+
+
 def test_fused_adam_state_loads_into_keras_adam(tmp_path):
     """Checkpoints are interchangeable with keras.optimizers.Adam's."""
     def model_with(optimizer):
