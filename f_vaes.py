@@ -262,11 +262,14 @@ class FVAE(guards.GuardedModel):
     def build(self, input_shape):
         """Every layer built by one eager pass on a zero image, with u = 0 given (no draw from
         the training noise stream). Keras would otherwise build a subclassed model by tracing
-        its whole call symbolically before the eager pass: 4-5 s more of the f-VAE 64's
-        start-up on an AMD EPYC core (docs/benchmark.md, "Start-up")."""
+        its whole call symbolically before the eager pass: about 5 s more of the f-VAE 64's
+        build on an AMD EPYC, one run (docs/benchmark.md, "Start-up"). Eager also when the
+        first call is being traced (the variables are made outside the graph, as Keras'
+        initialisers are)."""
         dtype = self.compute_dtype
-        u = ops.zeros((1, *self.encoder.output.shape[1:]), dtype)
-        self.loss_parts(ops.zeros((1, *input_shape[1:]), dtype), noise=u)
+        with tf.init_scope():
+            u = ops.zeros((1, *self.encoder.output.shape[1:]), dtype)
+            self.loss_parts(ops.zeros((1, *input_shape[1:]), dtype), noise=u)
 
     def loss_parts(self, x, training=False, noise=None):
         """The loss terms per example; `noise` (u) is drawn unless given (tests fix it). On

@@ -27,6 +27,7 @@ import sys
 
 import tf_setup  # first: TensorFlow's environment (oneDNN), imported without start-up noise
 import numpy as np
+import tensorflow as tf
 import keras
 from keras import ops
 
@@ -107,7 +108,8 @@ class Glow(guards.GuardedModel):
     def build(self, input_shape):
         """Every layer built by one eager pass on a zero image (no noise is drawn outside
         training), not by Keras' symbolic trace of the whole call (f_vaes.FVAE.build)."""
-        self.loss_parts(ops.zeros((1, *input_shape[1:]), self.compute_dtype))
+        with tf.init_scope():
+            self.loss_parts(ops.zeros((1, *input_shape[1:]), self.compute_dtype))
 
     def loss_parts(self, x, training=False):
         """In training the author's dequantisation, x + U(0, 1/256), drawn per replica row."""

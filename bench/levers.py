@@ -21,7 +21,7 @@ The variants run in turn, --rounds times (ABAB...), so that a drift of the machi
 touches all of them alike; each prints its median step, its peak resident memory and the
 size of its weights and optimiser state (about a checkpoint's size), and its start-up: the
 seconds from the process's start (before TensorFlow is imported) to the end of the first
-training step, of which building the model and tracing with the first step. Name the CPU
+training step, split into building the model and tracing the step with its first run. Name the CPU
 beside the numbers (it prints /proc/cpuinfo's model name).
 """
 
@@ -64,8 +64,7 @@ def take_back(lever):
         import f_vaes
         del f_vaes.FVAE.build  # Keras' own: a symbolic trace of the call, then the eager pass
     elif lever == "shared Adam scalars":
-        speedups.FusedAdam._backend_update_step = (  # no cache: the scalars for every variable
-            speedups.FusedAdam.__mro__[1]._backend_update_step)
+        del speedups.FusedAdam._backend_update_step  # no cache: the scalars for every variable
     else:
         raise ValueError(f"unknown lever {lever!r}: one of {', '.join(LEVERS)}")
     del np
@@ -100,7 +99,8 @@ def time_variant(src, lever, img_size, steps, warmup, precision):
         times.append(time.perf_counter() - started)
     variables = list(model.weights) + list(model.optimizer.variables)
     return {"median_step_s": statistics.median(times), "min_step_s": min(times),
-            "first_step_s": first, "build_s": build, "start_up_s": start_up, "loss_finite": bool(np.isfinite(float(logs["loss"]))),
+            "first_step_s": first, "build_s": build, "start_up_s": start_up,
+            "loss_finite": bool(np.isfinite(float(logs["loss"]))),
             "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
             "state_gb": sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                             for v in variables) / 1e9,
@@ -169,7 +169,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         step = statistics.median(r["median_step_s"] for r in runs)
-        median = lambda key: statistics.median(r.get(key, float("nan")) for r in runs)  # noqa: E731
+        def median(key):
+            return statistics.median(r.get(key, float("nan")) for r in runs)
         print(f"| {name} | {step:.3f} | {step / reference:.3f}x | {median('start_up_s'):.0f} "
               f"| {median('build_s'):.0f} | {median('first_step_s'):.0f} "
               f"| {runs[0]['trainable_params']:,} "
