@@ -414,7 +414,7 @@ def score_quality(preset, args):
         raise common.UsageError(f"{path} holds scores with --quality-features "
                                 f"{scored['features']!r} and --quality-samples {scored['samples']}: "
                                 "give the same, or remove the file")
-    features = None
+    features, real_faces = None, {}  # the held-out and training faces, encoded once
     for name, step, weights in checkpoints(preset, args.out):
         if any(r["model"] == name and r["file"] == weights for r in scored["rows"]):
             continue
@@ -424,7 +424,7 @@ def score_quality(preset, args):
         step = int(model.optimizer.iterations.numpy()) if step is None else step
         print(f"--- sample quality: {name} at step {step}", flush=True)
         quality = face_runs.quality_scores(model, config, features, args.quality_samples,
-                                           seed=args.seed)
+                                           seed=args.seed, real_faces=real_faces)
         scored["rows"].append({"model": name, "steps": step, "file": weights, **quality})
         common.write_json(path, scored)
         keras.backend.clear_session()

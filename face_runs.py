@@ -491,14 +491,52 @@ QUALITY_TEMPERATURES = (1.0, 0.8)
 
 
 def quality_scores(model, config, features=None, samples=2000, temperatures=QUALITY_TEMPERATURES,
-                   seed=0, spectra_path=None):
+                   seed=0, spectra_path=None, real_faces=None):
     """Sample quality against the run's held-out faces (the reference: seen by neither the
     model nor, trained on training faces, the feature encoder): for `samples` samples at each
     temperature, and for as many training faces (the floor: real faces score this), the
     sharpness (`sample_quality.high_frequency_ratio`, 1.0 = as sharp as the reference) and,
     with `features` (uint8 images -> (N, F)), the Frechet distance and k-NN precision and
     recall in those features. {"training faces": {...}, "T1.0": {...}, ...}; the radial
-    spectra plotted to `spectra_path` if given."""
+    spectra plotted to `spectra_path` if given.
+
+    `real_faces`: a dict that keeps the real faces' images, features and spectra between
+    calls with the same config, samples, seed and `features` (compare.py scores every
+    checkpoint of a run against the same faces); the scores are the same with or without it."""
+    real = real_faces if real_faces is not None else {}
+    key = (config.data_dir, config.holdout, config.img_size, samples, seed, features)
+    if real.get("key") != key:
+        images = real_face_sets(config, samples, seed)
+        real.clear()
+        real.update(key=key, images=images,
+                    features={name: features(faces) for name, faces in images.items()}
+                    if features else {},
+                    spectra={name: sample_quality.radial_power_spectrum(faces)
+                             for name, faces in images.items()})
+    sets = {"training faces": real["images"]["training faces"]}
+    for t in temperatures:
+        sets[f"T{t}"] = pictures.to_uint8(sample_images(model, samples, t, seed))
+    spectra = {"held-out faces": real["spectra"]["held-out faces"]}
+    scores = {}
+    for name, images in sets.items():
+        spectra[name] = (real["spectra"][name] if name in real["spectra"]
+                         else sample_quality.radial_power_spectrum(images))
+        scores[name] = {"images": len(images), "sharpness": sample_quality.high_frequency_share(
+            spectra[name][1]) / sample_quality.high_frequency_share(spectra["held-out faces"][1])}
+        if features:
+            reference = real["features"]["held-out faces"]
+            mine = real["features"][name] if name in real["features"] else features(images)
+            precision, recall = sample_quality.precision_recall(reference, mine)
+            scores[name].update(frechet_distance=sample_quality.frechet_distance(
+                reference, mine), precision=precision, recall=recall)
+    if spectra_path:
+        sample_quality.plot_spectra(spectra, spectra_path)
+    return {"reference_images": len(real["images"]["held-out faces"]), **scores}
+
+
+def real_face_sets(config, samples, seed):
+    """The real faces of `quality_scores`: {"held-out faces": the run's held-out faces,
+    "training faces": `samples` of its training faces drawn by `seed`}, as uint8 images."""
     files, held_out = split_files(image_files.list_image_files(config.data_dir), config.holdout)
     reference = uint8_images(held_out, config.img_size)
     if len(reference) < 4:
@@ -506,24 +544,8 @@ def quality_scores(model, config, features=None, samples=2000, temperatures=QUAL
                          "image(s); the sample-quality measures need at least 4 (k-NN with "
                          "k = 3; a run trained with a larger --holdout)")
     picks = np.random.RandomState(seed).choice(len(files), min(samples, len(files)), replace=False)
-    sets = {"training faces": uint8_images([files[i] for i in np.sort(picks)], config.img_size)}
-    for t in temperatures:
-        sets[f"T{t}"] = pictures.to_uint8(sample_images(model, samples, t, seed))
-    reference_features = features(reference) if features else None
-    spectra = {"held-out faces": sample_quality.radial_power_spectrum(reference)}
-    scores = {}
-    for name, images in sets.items():
-        spectra[name] = sample_quality.radial_power_spectrum(images)
-        scores[name] = {"images": len(images), "sharpness": sample_quality.high_frequency_share(
-            spectra[name][1]) / sample_quality.high_frequency_share(spectra["held-out faces"][1])}
-        if features:
-            mine = features(images)
-            precision, recall = sample_quality.precision_recall(reference_features, mine)
-            scores[name].update(frechet_distance=sample_quality.frechet_distance(
-                reference_features, mine), precision=precision, recall=recall)
-    if spectra_path:
-        sample_quality.plot_spectra(spectra, spectra_path)
-    return {"reference_images": len(reference), **scores}
+    return {"held-out faces": reference,
+            "training faces": uint8_images([files[i] for i in np.sort(picks)], config.img_size)}
 
 
 def uint8_images(files, img_size):

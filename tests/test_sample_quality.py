@@ -178,12 +178,15 @@ def test_quality_scores_measure_every_set_against_the_held_out_faces(tmp_path):
     import face_runs
     from test_f_vaes import smooth_images, tiny_model
 
+    faces = tmp_path / "faces"  # the spectra's PNG goes beside, not among the faces
+    faces.mkdir()
     pictures = ((smooth_images(24, 16, seed=1) + 1) * 127.5).round().astype(np.uint8)
     for i, picture in enumerate(pictures):
-        iio.imwrite(tmp_path / f"{i:03d}.png", picture)
-    config = f_vaes.Config(img_size=16, holdout=12, data_dir=str(tmp_path))
+        iio.imwrite(faces / f"{i:03d}.png", picture)
+    config = f_vaes.Config(img_size=16, holdout=12, data_dir=str(faces))
     features = face_runs.infomax_features("dim-cifar10", 16)
-    quality = face_runs.quality_scores(tiny_model(), config, features, samples=10,
+    model = tiny_model()
+    quality = face_runs.quality_scores(model, config, features, samples=10,
                                        spectra_path=str(tmp_path / "spectra.png"))
     assert quality["reference_images"] == 12
     assert set(quality) == {"reference_images", "training faces", "T1.0", "T0.8"}
@@ -195,6 +198,23 @@ def test_quality_scores_measure_every_set_against_the_held_out_faces(tmp_path):
     # the training faces are drawn like the held-out ones: nearer to them than noise samples
     assert quality["training faces"]["frechet_distance"] < quality["T1.0"]["frechet_distance"]
     assert (tmp_path / "spectra.png").stat().st_size > 1000
+
+    # compare.py keeps the real faces between checkpoints: the same scores, and from the
+    # second checkpoint on only the samples are encoded (two sets here, not four)
+    encoded = []
+
+    def counted(images):
+        encoded.append(len(images))
+        return features(images)
+    real_faces = {}
+    for calls in (4, 2):
+        encoded.clear()
+        kept = face_runs.quality_scores(model, config, counted, samples=10, real_faces=real_faces)
+        assert kept == quality and len(encoded) == calls
+    # another seed draws other training faces: the kept ones are not reused
+    assert (face_runs.quality_scores(model, config, counted, samples=10, seed=1,
+                                     real_faces=real_faces)
+            == face_runs.quality_scores(model, config, features, samples=10, seed=1))
 
 
 def test_the_sweep_scores_every_temperature(tmp_path):
