@@ -513,25 +513,25 @@ def quality_scores(model, config, features=None, samples=2000, temperatures=QUAL
                     if features else {},
                     spectra={name: sample_quality.radial_power_spectrum(faces)
                              for name, faces in images.items()})
-    sets = {"training faces": real["images"]["training faces"]}
+    counts = {name: len(faces) for name, faces in real["images"].items()}
+    spectra, encoded = dict(real["spectra"]), dict(real["features"])
     for t in temperatures:
-        sets[f"T{t}"] = pictures.to_uint8(sample_images(model, samples, t, seed))
-    spectra = {"held-out faces": real["spectra"]["held-out faces"]}
-    scores = {}
-    for name, images in sets.items():
-        spectra[name] = (real["spectra"][name] if name in real["spectra"]
-                         else sample_quality.radial_power_spectrum(images))
-        scores[name] = {"images": len(images), "sharpness": sample_quality.high_frequency_share(
-            spectra[name][1]) / sample_quality.high_frequency_share(spectra["held-out faces"][1])}
+        images = pictures.to_uint8(sample_images(model, samples, t, seed))
+        counts[f"T{t}"], spectra[f"T{t}"] = len(images), sample_quality.radial_power_spectrum(images)
         if features:
-            reference = real["features"]["held-out faces"]
-            mine = real["features"][name] if name in real["features"] else features(images)
-            precision, recall = sample_quality.precision_recall(reference, mine)
+            encoded[f"T{t}"] = features(images)
+    reference = "held-out faces"
+    scores = {}
+    for name in [n for n in spectra if n != reference]:
+        scores[name] = {"images": counts[name], "sharpness": sample_quality.high_frequency_share(
+            spectra[name][1]) / sample_quality.high_frequency_share(spectra[reference][1])}
+        if features:
+            precision, recall = sample_quality.precision_recall(encoded[reference], encoded[name])
             scores[name].update(frechet_distance=sample_quality.frechet_distance(
-                reference, mine), precision=precision, recall=recall)
+                encoded[reference], encoded[name]), precision=precision, recall=recall)
     if spectra_path:
         sample_quality.plot_spectra(spectra, spectra_path)
-    return {"reference_images": len(real["images"]["held-out faces"]), **scores}
+    return {"reference_images": counts[reference], **scores}
 
 
 def real_face_sets(config, samples, seed):
